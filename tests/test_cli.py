@@ -1,0 +1,74 @@
+"""The command line, run as a user runs it: a subprocess, real models, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def dovetail(*args, stdin: str | None = None, timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, "-m", "dovetail_gguf", *args], capture_output=True, text=True, input=stdin, timeout=timeout
+    )
+
+
+def test_help_lists_the_commands():
+    r = dovetail("--help")
+    assert r.returncode == 0
+    for cmd in ("info", "generate", "chat"):
+        assert cmd in r.stdout
+
+
+def test_info(smollm2_path):
+    r = dovetail("info", str(smollm2_path))
+    assert r.returncode == 0, r.stderr
+    assert "architecture: llama" in r.stdout and "vocab: 49152" in r.stdout
+    assert "chat template: yes" in r.stdout and "Q4_1" in r.stdout
+
+
+def test_generate_no_draft_json_matches_plain_text():
+    args = ["generate", "The three primary colors are", "--no-draft", "--max-tokens", "24"]
+    r = dovetail(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["tokens"]) == out["stats"]["n_tokens"] == 24
+    for key in ("tokens_per_second", "rounds", "mean_accepted_tokens"):
+        assert key in out["stats"]
+    assert out["stats"]["mean_accepted_tokens"] == 1.0  # no draft: one token per round
+    plain = dovetail(*args)
+    assert plain.returncode == 0
+    assert plain.stdout == out["text"] + "\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "--no-draft", "--target", "/nonexistent/model.gguf"], "not found"),
+        (["generate", "", "--no-draft"], "prompt is empty"),
+        (["generate", "hi", "--no-draft", "--temperature", "-1"], "temperature"),
+        (["generate", "hi", "--no-draft", "--top-p", "0"], "top_p"),
+        (["generate", "hi", "--no-draft", "--max-tokens", "0"], "max_tokens"),
+        (["generate", "word " * 400, "--no-draft", "--ctx-size", "256"], "context holds 256"),
+        (["generate", "1, 2, 3, 4, 5,", "--no-draft", "--ctx-size", "24", "--max-tokens", "100"], "context filled up"),
+        (["info", "/nonexistent.gguf"], "not found"),
+    ],
+)
+def test_bad_input_gets_one_line_and_nonzero_exit(args, message):
+    r = dovetail(*args)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_not_gguf_and_truncated_files(tmp_path, smollm2_path):
+    text = tmp_path / "model.gguf"
+    text.write_text("definitely not gguf")
+    r = dovetail("generate", "hi", "--no-draft", "--target", str(text))
+    assert r.returncode == 2 and "not a GGUF" in r.stderr
+    short = tmp_path / "short.gguf"
+    short.write_bytes(smollm2_path.read_bytes()[: 40_000_000])
+    r = dovetail("generate", "hi", "--no-draft", "--target", str(short))
+    assert r.returncode == 2 and "truncated" in r.stderr
