@@ -69,7 +69,7 @@ class Dovetail:
         if draft is not False:
             draft_dir = default_draft_path() if draft in (None, True) else Path(draft)
             if draft_dir is not None:
-                from .draft.runner import load_drafter
+                from .draft.io import load_drafter
 
                 self.drafter = load_drafter(draft_dir, self.target, device=device)
             elif draft is True:

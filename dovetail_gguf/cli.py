@@ -194,3 +194,28 @@ def chat(system: str | None, **kw) -> None:
             history.append({"role": "assistant", "content": last.text})
         else:
             history.pop()
+
+
+# ---------------------------------------------------------------------- draft
+@main.group()
+def draft() -> None:
+    """Create and inspect draft models."""
+
+
+@draft.command("init")
+@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF the draft is for (default: the default target).")
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False), required=True, help="Folder to write (config.json + model.safetensors).")
+@click.option("--layers", type=click.IntRange(1, 64), default=4, show_default=True, help="Decoder layers (Dovetail uses a deep draft; EAGLE uses 1).")
+@click.option("--fusion", type=click.Choice(["dgf", "fc"]), default="dgf", show_default=True, help="DGF (Dovetail) or EAGLE's fc fusion.")
+@click.option("--draft-vocab", type=click.IntRange(min=1), default=None, help="Reduced draft vocabulary size (default: the target's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing folder.")
+def draft_init(target, output, layers, fusion, draft_vocab, seed, force) -> None:
+    """Write an untrained draft for a target; training starts from it."""
+    from .draft.io import init_draft, save_draft
+    from .models import default_target_path
+
+    model = init_draft(target or default_target_path(), n_layer=layers, fusion=fusion, draft_vocab=draft_vocab, seed=seed)
+    out = save_draft(model, output, overwrite=force)
+    n_params = sum(p.numel() for p in model.parameters())
+    click.echo(f"wrote {out}: {layers} layers, {fusion} fusion, {n_params / 1e6:.1f}M parameters")

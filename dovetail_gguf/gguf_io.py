@@ -45,6 +45,9 @@ class ModelFacts:
     chat_template: str | None
     tokenizer_fingerprint: str
     tied_head: bool
+    n_ff: int = 0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
     special_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -274,6 +277,9 @@ def read_facts(path: str | os.PathLike) -> ModelFacts:
         chat_template=_field(gf, "tokenizer.chat_template"),
         tokenizer_fingerprint=_tokenizer_fingerprint(gf, model, pre),
         tied_head="output.weight" not in gf.tensors,
+        n_ff=arch_int("feed_forward_length"),
+        rope_theta=float(_field(gf, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(_field(gf, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         special_tokens=special,
     )
 

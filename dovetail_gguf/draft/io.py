@@ -1,0 +1,161 @@
+"""Draft checkpoints: a folder with config.json + model.safetensors, paired with one target.
+
+The checkpoint holds the draft's own weights (and the draft-to-target id map
+of a reduced vocabulary), never the target's embedding table or LM head: those
+are read from the target GGUF at load time. config.json records the target's
+architecture, width, vocabulary size and tokenizer fingerprint; loading a
+draft with any other target is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import DraftMismatchError, InvalidArgumentError, ModelFileError
+from ..gguf_io import ModelFacts, read_facts, read_token_matrices
+from .model import DraftConfig, DraftModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dovetail-draft"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def target_record(facts: ModelFacts) -> dict:
+    return {
+        "architecture": facts.architecture,
+        "n_embd": facts.n_embd,
+        "n_vocab": facts.n_vocab,
+        "tokenizer_fingerprint": facts.tokenizer_fingerprint,
+        "name": facts.name,
+    }
+
+
+def config_for_target(facts: ModelFacts, n_layer: int = 4, fusion: str = "dgf", draft_vocab: int | None = None) -> DraftConfig:
+    """A draft shaped like one decoder layer of the target, ``n_layer`` deep."""
+    if facts.n_head <= 0 or facts.n_embd % facts.n_head:
+        raise InvalidArgumentError(f"cannot derive attention heads from the target ({facts.n_head} heads)")
+    return DraftConfig(
+        n_embd=facts.n_embd,
+        n_vocab=facts.n_vocab,
+        n_layer=n_layer,
+        n_head=facts.n_head,
+        n_kv_head=facts.n_head_kv or facts.n_head,
+        intermediate_size=facts.n_ff or None,
+        rms_norm_eps=facts.rms_norm_eps,
+        rope_theta=facts.rope_theta,
+        fusion=fusion,
+        draft_vocab=draft_vocab,
+        max_positions=max(4096, facts.n_ctx_train or 0),
+        target=target_record(facts),
+    )
+
+
+def check_pairing(cfg: DraftConfig, facts: ModelFacts, where: str) -> None:
+    """Raise DraftMismatchError unless the draft was made for this target."""
+    want = cfg.target or {}
+    have = target_record(facts)
+    for key in ("architecture", "n_embd", "n_vocab", "tokenizer_fingerprint"):
+        if want.get(key) != have[key]:
+            raise DraftMismatchError(
+                f"draft {where} was made for target '{want.get('name', '?')}' "
+                f"({key} {want.get(key)!r}), not for '{facts.name}' ({key} {have[key]!r}) at {facts.path}"
+            )
+
+
+def save_draft(model: DraftModel, out_dir: str | os.PathLike, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write the draft atomically: a temporary folder renamed into place at the end."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"{out} already exists (use --force to overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.cfg.to_dict(), **(extra or {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(draft_dir: str | os.PathLike) -> DraftConfig:
+    d = Path(draft_dir)
+    if not d.is_dir():
+        raise ModelFileError(f"draft folder not found: {d}")
+    cfg_path = d / CONFIG_FILE
+    if not cfg_path.is_file() or not (d / WEIGHTS_FILE).is_file():
+        raise ModelFileError(f"{d} is not a draft folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ModelFileError(f"{cfg_path} is not valid JSON: {e}") from e
+    if doc.get("format") != FORMAT:
+        raise ModelFileError(f"{cfg_path} is not a dovetail draft config")
+    fields = set(DraftConfig.__dataclass_fields__)
+    try:
+        return DraftConfig(**{k: v for k, v in doc.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{cfg_path}: {e}") from e
+
+
+def load_draft(draft_dir: str | os.PathLike, target_path: str | os.PathLike, matrices=None) -> DraftModel:
+    """The draft in ``draft_dir`` on the CPU, with the target's embedding and head attached."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(draft_dir)
+    cfg = read_config(d)
+    facts = read_facts(target_path)
+    check_pairing(cfg, facts, str(d))
+    embedding, head = matrices if matrices is not None else read_token_matrices(target_path)
+    try:
+        state = load_file(d / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as e:
+        raise ModelFileError(f"cannot read {d / WEIGHTS_FILE}: {e}") from e
+    d2t = state.get("d2t")
+    model = DraftModel(cfg, embedding, head, d2t if cfg.draft_vocab else None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelFileError(f"{d / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def init_draft(target_path: str | os.PathLike, n_layer: int = 4, fusion: str = "dgf", draft_vocab: int | None = None,
+               d2t: torch.Tensor | None = None, seed: int = 0) -> DraftModel:
+    """An untrained draft for a target (Xavier-initialised DGF, default-initialised layers)."""
+    facts = read_facts(target_path)
+    cfg = config_for_target(facts, n_layer=n_layer, fusion=fusion, draft_vocab=draft_vocab)
+    embedding, head = read_token_matrices(target_path)
+    if draft_vocab and d2t is None:
+        d2t = torch.arange(draft_vocab)  # until token frequencies are known: the first ids
+    torch.manual_seed(seed)
+    return DraftModel(cfg, embedding, head, d2t)
+
+
+def load_drafter(draft_dir: str | os.PathLike, target, device: str = "auto"):
+    """A ready :class:`TreeDrafter` for a loaded :class:`Target`."""
+    from .tree import TreeDrafter, resolve_device
+
+    dev = resolve_device(device)
+    model = load_draft(draft_dir, target.path)
+    log.info("draft %s: %d layers, %s fusion, head vocab %d, on %s", draft_dir, model.cfg.n_layer,
+             model.cfg.fusion, model.cfg.head_vocab, dev)
+    return TreeDrafter(model, target.n_ctx + 1, dev)

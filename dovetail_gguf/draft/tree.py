@@ -1,0 +1,171 @@
+"""Drafting a dynamic token tree (EAGLE-2 style) with a Dovetail draft model.
+
+One round:
+1. the new committed pairs (target feature of position t-1, token at t) go
+   through the draft in one forward and stay in its KV cache; the last pair is
+   the root (the token the target produced last);
+2. depth by depth, the ``topk`` best frontier nodes (by cumulative draft
+   log-probability) are expanded in one batched forward each, attending to the
+   committed rows and to their own ancestors only (a tree mask);
+3. of every candidate produced, the ``tokens`` best by cumulative
+   log-probability form the tree (a child never scores above its parent, so
+   the selection keeps every selected node's ancestors).
+
+The tree rows are scratch: the cache is trimmed back to the committed pairs
+after each round. Only the selected tokens, parents and scores leave the
+device; only the accepted hidden states come to it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..engine import DraftTree, TreeConfig
+from .model import DraftKVCache, DraftModel
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def order_best_first(parents: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Depth-first order of a tree (node 0 the root), children visited best score first.
+
+    The most likely path then comes first in the target's batch, so its KV
+    cells stay contiguous when it is accepted.
+    """
+    n = parents.shape[0]
+    children: list[list[int]] = [[] for _ in range(n)]
+    for i in np.argsort(-scores, kind="stable"):
+        if parents[i] >= 0:
+            children[parents[i]].append(int(i))
+    order, stack = [], [0]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(reversed(children[node]))
+    return np.asarray(order, dtype=np.int64)
+
+
+class TreeDrafter:
+    """A draft model with its KV cache on a device, proposing trees for the engine."""
+
+    def __init__(self, model: DraftModel, max_positions: int, device: torch.device, dtype: torch.dtype | None = None):
+        self.device = device
+        self.dtype = dtype or default_dtype(device)
+        self.model = model.to(device=device, dtype=self.dtype).eval()
+        self.max_tree_slots = 64 * 64  # (depth - 1) * topk for any accepted TreeConfig
+        self.max_positions = min(max_positions, model.cfg.max_positions - 1)
+        self.cache = DraftKVCache(model.cfg, self.max_positions + self.max_tree_slots, device, self.dtype)
+        self._pin = device.type == "cuda"
+
+    def peak_memory_bytes(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+    def trim(self, n_pairs: int) -> None:
+        self.cache.trim(min(n_pairs, self.cache.length))
+
+    def _to_device(self, features: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        if self._pin:
+            t = t.pin_memory()
+        return t.to(self.device, dtype=self.dtype, non_blocking=self._pin)
+
+    @torch.inference_mode()
+    def propose(self, features: np.ndarray, tokens: np.ndarray, tree: TreeConfig) -> DraftTree:
+        model, cache, dev = self.model, self.cache, self.device
+        m = int(tokens.shape[0])
+        start = cache.length
+        if start + m > self.max_positions:
+            raise ValueError("the draft's context is full")
+        # 1. commit the new pairs; row r holds the pair of position r + 1
+        rows = torch.arange(start, start + m, device=dev)
+        cache.set_used(start + m)
+        mask = torch.arange(start + m, device=dev)[None, :] <= rows[:, None]
+        out = model(self._to_device(features)[None], torch.from_numpy(tokens.astype(np.int64)).to(dev)[None],
+                    (rows + 1)[None], mask, cache, rows)
+        cache.length = committed = start + m
+        root_pos = committed  # position of the root token
+        k = tree.topk
+        logp = torch.log_softmax(model.logits(out[0, -1:]).float(), dim=-1)  # [1, V']
+        k = min(k, logp.shape[-1])
+        top_p, top_i = logp.topk(k, dim=-1)
+        # candidate pool (device): token (draft ids), cumulative score, parent pool index (-1 root), depth
+        pool_tok, pool_score = [top_i[0]], [top_p[0]]
+        pool_parent = [torch.full((k,), -1, device=dev, dtype=torch.long)]
+        pool_depth = [torch.ones(k, device=dev, dtype=torch.long)]
+        frontier = torch.arange(k, device=dev)  # pool indices of the nodes to expand next
+        frontier_feat = out[0, -1:].expand(k, -1)  # the parent's predicted feature, per frontier node
+        pool_size = k
+        anc = torch.ones(k, 0, dtype=torch.bool, device=dev)  # frontier x tree slots: ancestors
+        slot0 = committed
+        for depth in range(1, tree.depth):
+            n_slots = anc.shape[1]
+            slots = torch.arange(slot0 + n_slots, slot0 + n_slots + k, device=dev)
+            anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev)], dim=1)
+            cache.set_used(slot0 + n_slots + k)
+            mask = torch.cat([torch.ones(k, committed, dtype=torch.bool, device=dev), anc], dim=1)
+            cand_tok = torch.cat(pool_tok)[frontier]
+            positions = torch.full((1, k), root_pos + depth, device=dev)
+            feats = model(frontier_feat[None], model.d2t[cand_tok][None], positions, mask, cache, slots)[0]
+            logp = torch.log_softmax(model.logits(feats).float(), dim=-1)  # [k, V']
+            child_p, child_i = logp.topk(k, dim=-1)  # [k, k]
+            scores = torch.cat(pool_score)[frontier][:, None] + child_p
+            pool_tok.append(child_i.reshape(-1))
+            pool_score.append(scores.reshape(-1))
+            pool_parent.append(frontier[:, None].expand(k, k).reshape(-1))
+            pool_depth.append(torch.full((k * k,), depth + 1, device=dev, dtype=torch.long))
+            best = scores.reshape(-1).topk(k).indices  # the next frontier, among these k*k
+            parent_row = best // k
+            frontier = pool_size + best
+            frontier_feat = feats[parent_row]
+            anc = anc[parent_row]
+            pool_size += k * k
+        cache.set_used(committed)  # drop the scratch rows: the cache holds committed pairs only
+        # 3. the best `tree.tokens` candidates; depth breaks score ties so parents rank first
+        score = torch.cat(pool_score)
+        depth_all = torch.cat(pool_depth)
+        n_sel = min(tree.tokens, score.shape[0])
+        key = score - depth_all.to(score.dtype) * 1e-6
+        sel = key.topk(n_sel).indices
+        sel_tok = model.d2t[torch.cat(pool_tok)[sel]]
+        sel_parent = torch.cat(pool_parent)[sel]
+        packed = torch.stack([sel, sel_tok, sel_parent]).cpu().numpy()  # the only device -> host copy
+        sel_score = score[sel].float().cpu().numpy()
+        return self._assemble(int(tokens[-1]), packed, sel_score)
+
+    @staticmethod
+    def _assemble(root_token: int, packed: np.ndarray, sel_score: np.ndarray) -> DraftTree:
+        """Node 0 = root, selected pool entries below it, parents remapped, best path first."""
+        pool_idx, toks, pool_par = packed
+        index_of = {int(p): i + 1 for i, p in enumerate(pool_idx)}
+        parents = np.array([0 if p < 0 else index_of.get(int(p), -2) for p in pool_par], dtype=np.int64)
+        keep = parents != -2  # a parent outside the selection (exact score ties only): drop the child
+        if not keep.all():
+            return TreeDrafter._assemble(root_token, packed[:, keep], sel_score[keep])
+        all_parents = np.concatenate([[-1], parents])
+        all_scores = np.concatenate([[0.0], sel_score]).astype(np.float32)
+        all_tokens = np.concatenate([[root_token], toks]).astype(np.int32)
+        order = order_best_first(all_parents, all_scores)
+        new_index = np.empty_like(order)
+        new_index[order] = np.arange(order.size)
+        ordered_parents = np.where(all_parents[order] < 0, -1, new_index[np.maximum(all_parents[order], 0)])
+        return DraftTree(all_tokens[order], ordered_parents.astype(np.int32), all_scores[order])
