@@ -219,3 +219,67 @@ def draft_init(target, output, layers, fusion, draft_vocab, seed, force) -> None
     out = save_draft(model, output, overwrite=force)
     n_params = sum(p.numel() for p in model.parameters())
     click.echo(f"wrote {out}: {layers} layers, {fusion} fusion, {n_params / 1e6:.1f}M parameters")
+
+
+# ---------------------------------------------------------------------- training
+@main.group()
+def data() -> None:
+    """Build training data for a draft."""
+
+
+@data.command("prompts")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="JSONL file to write.")
+@click.option("--code", "n_code", type=click.IntRange(min=0), default=1500, show_default=True, help="Completion prompts from the Python standard library.")
+@click.option("--chat", "n_chat", type=click.IntRange(min=0), default=500, show_default=True, help="Chat instructions from built-in templates.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_prompts(output, n_code, n_chat, seed) -> None:
+    """Write a prompt file from this machine's own text (no download, nothing from HumanEval)."""
+    from .train.prompts import write_prompt_file
+
+    path = write_prompt_file(output, n_code, n_chat, seed)
+    click.echo(f"wrote {path}")
+
+
+@data.command("generate")
+@click.argument("prompts", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the shards (resumes if it exists).")
+@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF (default: the default target).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=768, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy answers.")
+@click.option("--batch-size", type=click.IntRange(1, 63), default=8, show_default=True, help="Sequences per llama_decode.")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, temperature, batch_size, threads) -> None:
+    """Self-distillation: the target answers PROMPTS (JSONL or a text file); shards keep its hidden states."""
+    from .models import default_target_path
+    from .train.data import DataConfig, generate_data
+
+    cfg = DataConfig(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, temperature=temperature,
+                     batch_size=batch_size, n_threads=threads)
+    out = generate_data(target or default_target_path(), prompts, output, cfg)
+    click.echo(f"wrote {out}")
+
+
+@main.command("train-draft")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the trained draft.")
+@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF (default: the default target).")
+@click.option("--init", "init_from", type=click.Path(file_okay=False), default=None, help="Start from this draft instead of a fresh one.")
+@click.option("--layers", type=click.IntRange(1, 64), default=3, show_default=True)
+@click.option("--fusion", type=click.Choice(["dgf", "fc"]), default="dgf", show_default=True)
+@click.option("--draft-vocab", type=click.IntRange(min=0), default=8192, show_default=True, help="Reduced vocabulary (0: the target's full one).")
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=4), default=384, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_draft_cmd(data_dir, output, target, init_from, layers, fusion, draft_vocab, steps, batch_size, seq_len, lr, seed) -> None:
+    """Train a draft on DATA_DIR (from `dovetail data generate`); resumes from its checkpoint."""
+    from .models import default_target_path
+    from .train.trainer import TrainConfig, train_draft
+
+    cfg = TrainConfig(n_layer=layers, fusion=fusion, draft_vocab=draft_vocab or None, steps=steps,
+                      batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
+    report = train_draft(target or default_target_path(), data_dir, output, cfg, init_from=init_from)
+    last = report["history"][-1]["heldout"] if report["history"] else {}
+    click.echo(f"wrote {output}: held-out loss {last.get('loss', float('nan')):.4f}, token accuracy {last.get('acc', float('nan')):.3f}")

@@ -410,6 +410,35 @@ class Target:
         logits, hidden = self._outputs(n)
         return TreeResult(logits, hidden, layout)
 
+    def decode_rows(self, tokens, positions, seq_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Raw multi-sequence decode: row i is token ``tokens[i]`` at ``positions[i]`` of sequence ``seq_ids[i]``.
+
+        For batch work such as data generation, several independent sequences
+        per call. It bypasses the committed-prefix bookkeeping: call
+        :meth:`reset` before using prefill/verify_tree/commit again. Returns
+        views of logits [n, n_vocab] and hidden states [n, n_embd].
+        """
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        n = tokens.size
+        if n == 0 or n > self._batch.capacity:
+            raise InvalidArgumentError(f"decode_rows takes 1..{self._batch.capacity} rows, got {n}")
+        seq_ids = np.asarray(seq_ids, dtype=np.int32)
+        positions = np.asarray(positions, dtype=np.int32)
+        if seq_ids.min() < 0 or seq_ids.max() >= self.n_seq_max:
+            raise InvalidArgumentError(f"sequence ids must be in 0..{self.n_seq_max - 1}")
+        if positions.min() < 0 or positions.max() >= self.n_cells:
+            raise ContextFullError(f"positions must stay below {self.n_cells}")
+        self._check_tokens(tokens)
+        self.n_past, self._pending = 0, None
+        b = self._batch
+        b.token[:n] = tokens
+        b.pos[:n] = positions
+        b.n_seq_id[:n] = 1
+        b.seq_id[:n, 0] = seq_ids
+        b.struct.n_tokens = n
+        self._decode()
+        return self._outputs(n)
+
     def _drop_paths(self, n_paths: int) -> None:
         self._lib.llama_memory_seq_rm(self._mem, 0, self.n_past, -1)
         for s in range(1, n_paths):

@@ -1,0 +1,277 @@
+"""Self-distillation data: the GGUF target writes the answers, and we keep its hidden states.
+
+Input prompts come from a JSONL file (ShareGPT ``{"conversations": [...]}``,
+rendered with the target's chat template, or ``{"prompt": ...}`` for raw
+completion) or from plain text files (teacher forcing: the text itself is the
+sequence). Several sequences share every ``llama_decode``.
+
+Output: ``shard-NNNNN.safetensors`` files (int32 tokens, fp16 post-norm hidden
+states, sequence offsets, prompt lengths) and ``manifest.json`` with the
+target's fingerprint, the settings and the prompts each shard covers. Shards
+and the manifest are written atomically, so an interrupted run resumes where
+the last shard ended, with nothing duplicated or lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import DovetailError, InvalidArgumentError
+from ..target import Target, TargetConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Prompt:
+    text: str
+    chat: bool  # render with the chat template (else raw completion)
+    complete: bool = False  # plain text for teacher forcing: no generation
+
+
+@dataclass
+class DataConfig:
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 768
+    temperature: float = 0.0  # 0: greedy answers, matching greedy decoding
+    batch_size: int = 8  # sequences per llama_decode
+    prompts_per_shard: int = 64
+    seed: int = 0
+    n_threads: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.prompts_per_shard < 1:
+            raise InvalidArgumentError("max_new_tokens, batch_size and prompts_per_shard must be >= 1")
+        if self.batch_size > 63:
+            raise InvalidArgumentError("batch_size must be at most 63")
+
+
+def _conversation(obj: dict, lineno: int, path: Path) -> list[dict]:
+    msgs = []
+    for turn in obj["conversations"]:
+        if not isinstance(turn, dict):
+            raise InvalidArgumentError(f"{path}:{lineno}: each conversation turn must be an object")
+        role = turn.get("role") or {"human": "user", "gpt": "assistant", "system": "system"}.get(turn.get("from", ""), "")
+        content = turn.get("content", turn.get("value"))
+        if role not in ("user", "assistant", "system") or not isinstance(content, str):
+            raise InvalidArgumentError(f"{path}:{lineno}: a turn needs a role (user/assistant/system) and string content")
+        msgs.append({"role": role, "content": content})
+    while msgs and msgs[-1]["role"] == "assistant":  # the target writes the answer itself
+        msgs.pop()
+    if not msgs:
+        raise InvalidArgumentError(f"{path}:{lineno}: the conversation has no user turn")
+    return msgs
+
+
+def read_prompts(path: str | os.PathLike) -> list[tuple[Prompt, list[dict] | None]]:
+    """Prompts from a .jsonl file or a plain text file; errors name the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgumentError(f"prompt file not found: {p}")
+    out: list[tuple[Prompt, list[dict] | None]] = []
+    if p.suffix not in (".jsonl", ".json"):
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise InvalidArgumentError(f"{p} is empty")
+        return [(Prompt(text, chat=False, complete=True), None)]
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise InvalidArgumentError(f"{p}:{lineno}: malformed JSON ({e.msg})") from e
+            if not isinstance(obj, dict):
+                raise InvalidArgumentError(f"{p}:{lineno}: expected a JSON object")
+            if "conversations" in obj:
+                if not isinstance(obj["conversations"], list):
+                    raise InvalidArgumentError(f"{p}:{lineno}: 'conversations' must be a list")
+                out.append((Prompt("", chat=True), _conversation(obj, lineno, p)))
+            elif isinstance(obj.get("prompt"), str) and obj["prompt"]:
+                out.append((Prompt(obj["prompt"], chat=bool(obj.get("chat", False))), None))
+            elif isinstance(obj.get("text"), str) and obj["text"]:
+                out.append((Prompt(obj["text"], chat=False, complete=True), None))
+            else:
+                raise InvalidArgumentError(f"{p}:{lineno}: needs 'conversations', 'prompt' or 'text'")
+    if not out:
+        raise InvalidArgumentError(f"{p} holds no prompts")
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class _Manifest:
+    def __init__(self, out_dir: Path, facts, cfg: DataConfig, prompts_file: str, n_prompts: int):
+        self.path = out_dir / MANIFEST
+        settings = asdict(cfg)
+        settings.pop("n_threads")
+        if self.path.exists():
+            doc = json.loads(self.path.read_text())
+            if doc["target"]["tokenizer_fingerprint"] != facts.tokenizer_fingerprint or doc["target"]["name"] != facts.name:
+                raise DovetailError(
+                    f"{out_dir} holds data from target '{doc['target']['name']}'; cannot resume with '{facts.name}'"
+                )
+            if doc["settings"] != settings or doc["n_prompts"] != n_prompts:
+                raise DovetailError(f"{out_dir} was generated with other settings or prompts; use a new folder")
+            self.doc = doc
+        else:
+            self.doc = {
+                "target": {"name": facts.name, "path": facts.path, "tokenizer_fingerprint": facts.tokenizer_fingerprint,
+                           "n_embd": facts.n_embd, "n_vocab": facts.n_vocab},
+                "settings": settings, "prompts_file": prompts_file, "n_prompts": n_prompts, "shards": [],
+            }
+
+    @property
+    def next_prompt(self) -> int:
+        return self.doc["shards"][-1]["prompts"][1] if self.doc["shards"] else 0
+
+    def save(self) -> None:
+        _write_atomic(self.path, lambda t: t.write_text(json.dumps(self.doc, indent=1)))
+
+    def add(self, name: str, first: int, end: int, n_tokens: int) -> None:
+        self.doc["shards"].append({"file": name, "prompts": [first, end], "tokens": n_tokens})
+        self.save()
+
+
+def _encode(target: Target, prompt: Prompt, messages, max_tokens: int) -> np.ndarray:
+    if messages is not None:
+        from ..api import render_chat
+
+        t = target
+        bos = t.detokenize_special(t.facts.bos_token_id) if t.facts.bos_token_id is not None else ""
+        text = render_chat(t.chat_template, messages, bos)
+        toks = t.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
+    else:
+        toks = target.tokenize(prompt.text, add_special=True, parse_special=False)
+    return toks[:max_tokens]
+
+
+def _generate_batch(target: Target, batch: list[np.ndarray], complete: list[bool], cfg: DataConfig,
+                    rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(tokens, hidden, prompt_len) for each prompt, generating B sequences per decode call."""
+    target.reset()
+    n = len(batch)
+    seqs = [list(map(int, b)) for b in batch]
+    hidden: list[list[np.ndarray]] = [[] for _ in range(n)]
+    cap = target._batch.capacity
+    # prefill all prompts, each on its own sequence, packed into as few calls as fit
+    rows = [(i, j) for i in range(n) for j in range(len(batch[i]))]
+    for lo in range(0, len(rows), cap):
+        chunk = rows[lo : lo + cap]
+        seq = np.array([i for i, _ in chunk]) + 1
+        pos = np.array([j for _, j in chunk])
+        tok = np.array([batch[i][j] for i, j in chunk])
+        logits, hid = target.decode_rows(tok, pos, seq)
+        for r, (i, j) in enumerate(chunk):
+            hidden[i].append(hid[r].astype(np.float16))
+            if j == len(batch[i]) - 1 and not complete[i]:
+                seqs[i].append(_pick(logits[r], cfg.temperature, rng))
+    active = [i for i in range(n) if not complete[i] and not target.is_eog(seqs[i][-1])]
+    new = {i: 1 for i in active}
+    while active:
+        tok = np.array([seqs[i][-1] for i in active])
+        pos = np.array([len(seqs[i]) - 1 for i in active])
+        logits, hid = target.decode_rows(tok, pos, np.array(active) + 1)
+        still = []
+        for r, i in enumerate(active):
+            hidden[i].append(hid[r].astype(np.float16))
+            if new[i] >= cfg.max_new_tokens:
+                continue
+            nxt = _pick(logits[r], cfg.temperature, rng)
+            seqs[i].append(nxt)
+            new[i] += 1
+            if not target.is_eog(nxt):
+                still.append(i)
+        active = still
+    for i in range(n):
+        toks = np.asarray(seqs[i], dtype=np.int32)
+        hid = np.stack(hidden[i])
+        # a final EOG token was never evaluated; every kept token has its hidden state
+        yield toks[: len(hid)], hid, (len(hid) if complete[i] else len(batch[i]))
+    target.reset()
+
+
+def _pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / temperature
+    p = np.exp(x - x.max())
+    return int(rng.choice(p.size, p=p / p.sum()))
+
+
+def generate_data(target_path: str | os.PathLike, prompts_path: str | os.PathLike, out_dir: str | os.PathLike,
+                  cfg: DataConfig | None = None, progress: bool = True) -> Path:
+    """Write (or resume writing) self-distillation shards for ``target_path``."""
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    cfg = cfg or DataConfig()
+    cfg.validate()
+    prompts = read_prompts(prompts_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens
+    target = Target(target_path, TargetConfig(n_ctx=seq_len * cfg.batch_size, n_threads=cfg.n_threads,
+                                              max_tree_paths=max(cfg.batch_size, 1), n_batch=512))
+    manifest = _Manifest(out, target.facts, cfg, str(prompts_path), len(prompts))
+    manifest.save()
+    start = manifest.next_prompt
+    rng = np.random.default_rng([cfg.seed, start])
+    bar = tqdm(total=len(prompts), initial=start, unit="prompt", disable=not progress, desc="self-distillation")
+    t0, n_tok = time.perf_counter(), 0
+    try:
+        for first in range(start, len(prompts), cfg.prompts_per_shard):
+            end = min(first + cfg.prompts_per_shard, len(prompts))
+            tokens, hidden, offsets, prompt_lens = [], [], [0], []
+            for b in range(first, end, cfg.batch_size):
+                group = prompts[b : min(b + cfg.batch_size, end)]
+                enc = [_encode(target, p, m, cfg.max_prompt_tokens if not p.complete else seq_len) for p, m in group]
+                for toks, hid, plen in _generate_batch(target, enc, [p.complete for p, _ in group], cfg, rng):
+                    tokens.append(toks)
+                    hidden.append(hid)
+                    offsets.append(offsets[-1] + len(toks))
+                    prompt_lens.append(plen)
+                    n_tok += len(toks)
+                bar.update(len(group))
+                bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+            name = f"shard-{len(manifest.doc['shards']):05d}.safetensors"
+            arrays = {"tokens": np.concatenate(tokens), "hidden": np.concatenate(hidden),
+                      "offsets": np.asarray(offsets, dtype=np.int64), "prompt_lens": np.asarray(prompt_lens, dtype=np.int32)}
+            _write_atomic(out / name, lambda t: save_file(arrays, str(t)))
+            manifest.add(name, first, end, int(offsets[-1]))
+    finally:
+        bar.close()
+        target.close()
+    return out
+
+
+def load_shards(data_dir: str | os.PathLike) -> tuple[dict, list[tuple[np.ndarray, np.ndarray, int]]]:
+    """The manifest and every sequence as (tokens, hidden fp16, prompt_len)."""
+    from safetensors.numpy import load_file
+
+    d = Path(data_dir)
+    if not (d / MANIFEST).is_file():
+        raise InvalidArgumentError(f"{d} holds no {MANIFEST}; run `dovetail data generate` first")
+    manifest = json.loads((d / MANIFEST).read_text())
+    seqs = []
+    for shard in manifest["shards"]:
+        a = load_file(str(d / shard["file"]))
+        off = a["offsets"]
+        for i in range(len(off) - 1):
+            seqs.append((a["tokens"][off[i] : off[i + 1]], a["hidden"][off[i] : off[i + 1]], int(a["prompt_lens"][i])))
+    return manifest, seqs

@@ -1,0 +1,98 @@
+"""Training prompts built from this machine's own text, with no download.
+
+- Code: the signature and docstring of documented functions in the Python
+  standard library's source, as raw completion prompts (the target writes the
+  body).
+- Chat: instructions written for the purpose, from templates over topics,
+  rendered with the target's chat template.
+
+None of it comes from HumanEval, which is the evaluation set.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import sysconfig
+from pathlib import Path
+
+TOPICS = [
+    "photosynthesis", "the French Revolution", "black holes", "compound interest", "the water cycle",
+    "machine learning", "the Roman Empire", "climate change", "vaccines", "the stock market", "volcanoes",
+    "the printing press", "quantum computing", "healthy sleep", "electric cars", "the immune system",
+    "renewable energy", "the Great Wall of China", "plate tectonics", "the internet", "inflation",
+    "honeybees", "the moon landing", "recycling", "supply and demand", "the human heart", "jazz music",
+    "the Renaissance", "time management", "public speaking", "learning a new language", "gardening",
+    "coffee", "chess", "the Olympic Games", "rainforests", "earthquakes", "democracy", "bread baking",
+    "cybersecurity", "budgeting", "meditation", "the solar system", "DNA", "electricity", "friendship",
+]
+CHAT_TEMPLATES = [
+    "Explain {t} in simple terms.", "Write a short paragraph about {t}.", "Give me three interesting facts about {t}.",
+    "What are the main advantages and disadvantages of {t}?", "Summarize the history of {t} in a few sentences.",
+    "Write a haiku about {t}.", "How would you teach {t} to a ten-year-old?", "List five questions a student might ask about {t}.",
+    "Write a short story that involves {t}.", "What is a common misconception about {t}?",
+]
+CODE_TASKS = [
+    "reverses a string", "checks whether a number is prime", "computes the factorial of n", "merges two sorted lists",
+    "counts the vowels in a string", "finds the largest element of a list", "removes duplicates from a list while keeping order",
+    "converts Celsius to Fahrenheit", "checks whether a string is a palindrome", "computes the nth Fibonacci number",
+    "flattens a nested list", "returns the word frequencies of a text", "validates an email address with a regular expression",
+    "reads a CSV file and returns its rows", "implements binary search", "sorts a list of dictionaries by a key",
+    "computes the greatest common divisor of two numbers", "transposes a matrix", "parses a date string", "chunks a list into groups of n",
+]
+CODE_TEMPLATES = [
+    "Write a Python function that {t}.", "Write a Python function that {t}, with a docstring and type hints.",
+    "Show me how to write a function that {t} in Python, and explain it briefly.",
+]
+
+
+def stdlib_function_prompts(limit: int, seed: int = 0, min_doc: int = 40) -> list[str]:
+    """``def name(args):`` + docstring of documented stdlib functions, as completion prompts."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).parts
+        if any(p in ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo") for p in rel):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < min_doc or len(doc) > 1200 or not node.body:
+                continue
+            args = ast.unparse(node.args)
+            if args.startswith("self"):
+                args = args[4:].lstrip(", ")
+            returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+            body = "\n    ".join(doc.splitlines())
+            found.append(f'def {node.name}({args}){returns}:\n    """{body}\n    """\n')
+    random.Random(seed).shuffle(found)
+    return found[:limit]
+
+
+def chat_prompts() -> list[str]:
+    out = [tpl.format(t=t) for t in TOPICS for tpl in CHAT_TEMPLATES]
+    out += [tpl.format(t=t) for t in CODE_TASKS for tpl in CODE_TEMPLATES]
+    return out
+
+
+def write_prompt_file(out: str | os.PathLike, n_code: int = 1500, n_chat: int = 500, seed: int = 0) -> Path:
+    """A JSONL prompt file: stdlib completion prompts and chat instructions, shuffled."""
+    rng = random.Random(seed)
+    chats = chat_prompts()
+    rng.shuffle(chats)
+    rows = [{"prompt": p} for p in stdlib_function_prompts(n_code, seed)]
+    rows += [{"conversations": [{"role": "user", "content": c}]} for c in chats[:n_chat]]
+    rng.shuffle(rows)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,242 @@
+"""Training a Dovetail draft on self-distillation shards (EAGLE's recipe, adapted).
+
+Each training pair is (target feature at t-1, token at t) -> the target's
+feature at t and its next-token distribution. Loss:
+
+    SmoothL1(predicted feature, target feature) + 0.1 * CE(draft logits, target distribution)
+
+with uniform feature noise on the inputs, AdamW with warm-up and linear decay,
+and gradient clipping. ``accelerate`` places the work: bf16 autocast on a GPU,
+plain fp32 on the CPU, DDP across GPUs when launched with ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidArgumentError
+from ..gguf_io import read_facts, read_token_matrices
+from ..draft.io import check_pairing, config_for_target, load_draft, save_draft
+from ..draft.model import DraftModel
+from .data import load_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    n_layer: int = 3
+    fusion: str = "dgf"
+    draft_vocab: int | None = 8192  # None: the full target vocabulary
+    steps: int = 2000
+    batch_size: int = 8  # sequences per step
+    seq_len: int = 384  # tokens per training window
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    ce_weight: float = 0.1
+    noise: float = 0.2  # uniform feature noise in [-noise/2, noise/2]
+    heldout_fraction: float = 0.05
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 4:
+            raise InvalidArgumentError("steps, batch_size >= 1 and seq_len >= 4 are needed")
+        if not 0 < self.heldout_fraction < 0.5:
+            raise InvalidArgumentError("heldout_fraction must be in (0, 0.5)")
+
+
+def token_frequencies(seqs, n_vocab: int) -> np.ndarray:
+    counts = np.zeros(n_vocab, dtype=np.int64)
+    for toks, _, plen in seqs:
+        np.add.at(counts, toks[max(plen, 1) :], 1)
+    return counts
+
+
+def frequent_tokens(seqs, n_vocab: int, n: int) -> torch.Tensor:
+    """The draft vocabulary: the ``n`` most frequent answer tokens (ties by id), sorted by id."""
+    counts = token_frequencies(seqs, n_vocab)
+    top = np.argsort(-counts, kind="stable")[:n]
+    return torch.from_numpy(np.sort(top))
+
+
+class Windows:
+    """Fixed-length training windows over sequences, with the loss mask on answer positions."""
+
+    def __init__(self, seqs, seq_len: int):
+        self.items = []
+        for s, (toks, hid, plen) in enumerate(seqs):
+            n = len(toks)
+            if n < 3:
+                continue
+            for lo in range(0, n - 2, seq_len - 1):
+                self.items.append((s, lo, min(lo + seq_len, n)))
+        self.seqs = seqs
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batch(self, idx) -> dict[str, torch.Tensor]:
+        """Pairs: input feature h[t-1] and token x[t]; targets h[t]; mask where x[t+1] is an answer token."""
+        L = self.seq_len - 1
+        b = len(idx)
+        d = self.seqs[0][1].shape[1]
+        feat_in = np.zeros((b, L, d), dtype=np.float32)
+        feat_out = np.zeros((b, L, d), dtype=np.float32)
+        tok = np.zeros((b, L), dtype=np.int64)
+        pos = np.zeros((b, L), dtype=np.int64)
+        mask = np.zeros((b, L), dtype=bool)
+        for r, i in enumerate(idx):
+            s, lo, hi = self.items[i]
+            toks, hid, plen = self.seqs[s]
+            n = hi - lo - 1  # pairs t = lo+1 .. hi-1
+            t = np.arange(lo + 1, hi)
+            feat_in[r, :n] = hid[t - 1]
+            feat_out[r, :n] = hid[t]
+            tok[r, :n] = toks[t]
+            pos[r, :n] = t
+            mask[r, :n] = t + 1 >= plen  # the next token is part of the answer
+            mask[r, :n] &= t + 1 < len(toks)
+        return {k: torch.from_numpy(v) for k, v in
+                dict(feat_in=feat_in, feat_out=feat_out, tok=tok, pos=pos, mask=mask).items()}
+
+
+def loss_and_metrics(model: DraftModel, batch: dict, cfg: TrainConfig, noise: bool):
+    x = batch["feat_in"]
+    if noise and cfg.noise > 0:
+        x = x + (torch.rand_like(x) - 0.5) * cfg.noise
+    pred = model(x, batch["tok"], batch["pos"])
+    m = batch["mask"]
+    target = batch["feat_out"]
+    feat_loss = F.smooth_l1_loss(pred[m].float(), target[m].float())
+    with torch.no_grad():
+        target_logits = model.logits(target[m])
+        target_p = torch.softmax(target_logits.float(), -1)
+    draft_logp = torch.log_softmax(model.logits(pred[m]).float(), -1)
+    ce = -(target_p * draft_logp).sum(-1).mean()
+    loss = feat_loss + cfg.ce_weight * ce
+    acc = (draft_logp.argmax(-1) == target_logits.argmax(-1)).float().mean()
+    return loss, {"loss": float(loss), "feat": float(feat_loss), "ce": float(ce), "acc": float(acc)}
+
+
+@torch.no_grad()
+def evaluate(model: DraftModel, windows: Windows, cfg: TrainConfig, device) -> dict:
+    model.eval()
+    totals, n = {}, 0
+    for lo in range(0, len(windows), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in windows.batch(list(range(lo, min(lo + cfg.batch_size, len(windows))))).items()}
+        _, metrics = loss_and_metrics(model, batch, cfg, noise=False)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v
+        n += 1
+    model.train()
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, init_from=None,
+                resume: bool = True, progress: bool = True) -> dict:
+    """Train a draft for ``target_path`` on ``data_dir``; writes the draft to ``out_dir``. Returns a report."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    cfg = cfg or TrainConfig()
+    cfg.validate()
+    manifest, seqs = load_shards(data_dir)
+    facts = read_facts(target_path)
+    if manifest["target"]["tokenizer_fingerprint"] != facts.tokenizer_fingerprint:
+        raise InvalidArgumentError(f"{data_dir} was generated by '{manifest['target']['name']}', not '{facts.name}'")
+    if len(seqs) < 4:
+        raise InvalidArgumentError(f"{data_dir} holds only {len(seqs)} sequences; generate more data")
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(seqs))
+    n_held = max(1, int(len(seqs) * cfg.heldout_fraction))
+    held = [seqs[i] for i in order[:n_held]]
+    train = [seqs[i] for i in order[n_held:]]
+    out = Path(out_dir)
+    ckpt_dir = out.with_name(out.name + ".checkpoint")
+
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    embedding, head = read_token_matrices(target_path)
+    if init_from is not None:
+        model = load_draft(init_from, target_path, (embedding, head))
+    else:
+        d2t = frequent_tokens(train, facts.n_vocab, cfg.draft_vocab) if cfg.draft_vocab else None
+        model = DraftModel(config_for_target(facts, cfg.n_layer, cfg.fusion, cfg.draft_vocab), embedding, head, d2t)
+    check_pairing(model.cfg, facts, str(init_from or out))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model, opt = accelerator.prepare(model, opt)
+    start_step, history = 0, []
+    if resume and (ckpt_dir / "state.pt").is_file():
+        state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+        if state["config"] == asdict(cfg):
+            accelerator.unwrap_model(model).load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_step, history = state["step"], state["history"]
+            rng = np.random.default_rng([cfg.seed, start_step])
+            log.info("resumed from %s at step %d", ckpt_dir, start_step)
+    train_w, held_w = Windows(train, cfg.seq_len), Windows(held, cfg.seq_len)
+    log.info("training on %d windows (%d sequences), %d held out", len(train_w), len(train), len(held_w))
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress or not accelerator.is_main_process, desc="train-draft")
+    model.train()
+    for step in range(start_step, cfg.steps):
+        idx = rng.integers(0, len(train_w), size=cfg.batch_size)
+        batch = {k: v.to(device) for k, v in train_w.batch(idx).items()}
+        with accelerator.autocast():
+            loss, metrics = loss_and_metrics(accelerator.unwrap_model(model), batch, cfg, noise=True)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.2f}")
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            ev = evaluate(accelerator.unwrap_model(model), held_w, cfg, device)
+            history.append({"step": done, "train": metrics, "heldout": ev, "seconds": time.perf_counter() - t0})
+            log.info("step %d: held-out loss %.4f, token accuracy %.3f", done, ev["loss"], ev["acc"])
+        if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 and done < cfg.steps):
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            state = {"config": asdict(cfg), "step": done, "history": history,
+                     "model": accelerator.unwrap_model(model).state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict()}
+            torch.save(state, ckpt_dir / "state.tmp")
+            os.replace(ckpt_dir / "state.tmp", ckpt_dir / "state.pt")
+    bar.close()
+    report = {"config": asdict(cfg), "data": str(data_dir), "n_sequences": len(seqs),
+              "n_train_tokens": int(sum(len(s[0]) for s in train)), "history": history,
+              "train_seconds": time.perf_counter() - t0, "device": str(device)}
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model).to("cpu", torch.float32)
+        save_draft(final, out, overwrite=True, extra={"training": {k: report[k] for k in ("n_sequences", "n_train_tokens", "train_seconds")}})
+        (out / "training_report.json").write_text(json.dumps(report, indent=1))
+        if ckpt_dir.exists():
+            import shutil
+
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return report

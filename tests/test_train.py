@@ -1,0 +1,115 @@
+"""Self-distillation data and draft training on the real SmolLM2 target."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dovetail_gguf.errors import DovetailError, InvalidArgumentError
+from dovetail_gguf.target import Target, TargetConfig
+from dovetail_gguf.train import data as data_mod
+from dovetail_gguf.train.data import DataConfig, generate_data, load_shards, read_prompts
+from dovetail_gguf.train.trainer import TrainConfig, train_draft
+
+PROMPTS = [
+    {"prompt": 'def add(a, b):\n    """Return the sum of a and b."""\n'},
+    {"conversations": [{"from": "human", "value": "Name three fruits."}]},
+    {"prompt": "The capital of France is"},
+    {"conversations": [{"role": "user", "content": "Write a haiku about rain."}]},
+    {"prompt": 'def is_even(n):\n    """Return True when n is even."""\n'},
+    {"prompt": "Water boils at"},
+    {"conversations": [{"role": "user", "content": "What is 2 + 2?"}]},
+    {"prompt": 'def reverse(s):\n    """Return the string s reversed."""\n'},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CFG = DataConfig(max_new_tokens=32, max_prompt_tokens=64, batch_size=3, prompts_per_shard=3)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, smollm2_path):
+    d = tmp_path_factory.mktemp("data")
+    prompts = write_jsonl(d / "prompts.jsonl", PROMPTS)
+    return generate_data(smollm2_path, prompts, d / "shards", CFG, progress=False), prompts
+
+
+def test_shards_hold_the_targets_hidden_states(small_data, smollm2_path):
+    """Equal to a from-scratch evaluation, up to the fp16 the shards store.
+
+    The reference runs in ubatches of 32 rows, the kernel family generation
+    used (every packed prefill here is under 64 rows and under 256 KV cells;
+    beyond those llama.cpp switches kernels and results drift by ~1%).
+    """
+    out, _ = small_data
+    manifest, seqs = load_shards(out)
+    assert manifest["n_prompts"] == len(PROMPTS) and len(seqs) == len(PROMPTS)
+    assert [s["prompts"] for s in manifest["shards"]] == [[0, 3], [3, 6], [6, 8]]
+    with Target(smollm2_path, TargetConfig(n_ubatch=32)) as t:
+        for toks, hid, plen in seqs:
+            assert len(toks) > plen  # the target wrote an answer
+            t.reset()
+            _, ref = t.prefill(toks)
+            np.testing.assert_array_equal(hid, ref.astype(np.float16))
+
+
+def test_resume_after_interruption_gives_the_same_shards(small_data, tmp_path, smollm2_path, monkeypatch):
+    full, prompts = small_data
+    real = data_mod._generate_batch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first shard (one batch of 3) is written; die in the third batch
+            raise KeyboardInterrupt
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "_generate_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        generate_data(smollm2_path, prompts, tmp_path / "resumed", CFG, progress=False)
+    assert len(json.loads((tmp_path / "resumed" / "manifest.json").read_text())["shards"]) == 2
+    monkeypatch.setattr(data_mod, "_generate_batch", real)
+    generate_data(smollm2_path, prompts, tmp_path / "resumed", CFG, progress=False)
+    (_, a), (_, b) = load_shards(full), load_shards(tmp_path / "resumed")
+    assert len(a) == len(b)
+    for (ta, ha, pa), (tb, hb, pb) in zip(a, b):
+        np.testing.assert_array_equal(ta, tb)
+        np.testing.assert_array_equal(ha, hb)
+        assert pa == pb
+
+
+def test_bad_prompt_files(tmp_path, small_data, smollm2_path, gemma_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(InvalidArgumentError, match=r"bad.jsonl:2: malformed JSON"):
+        read_prompts(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InvalidArgumentError, match="no prompts"):
+        read_prompts(empty)
+    (tmp_path / "odd.jsonl").write_text('{"question": "?"}\n')
+    with pytest.raises(InvalidArgumentError, match="odd.jsonl:1"):
+        read_prompts(tmp_path / "odd.jsonl")
+    out, prompts = small_data
+    with pytest.raises(DovetailError, match="cannot resume"):
+        generate_data(gemma_path, prompts, out, CFG, progress=False)
+
+
+@pytest.mark.slow
+def test_training_lowers_heldout_loss_and_beats_an_untrained_draft(small_data, tmp_path, smollm2_path):
+    out, _ = small_data
+    cfg = TrainConfig(n_layer=1, draft_vocab=2048, steps=300, batch_size=4, seq_len=96, lr=1e-3, warmup=20,
+                      heldout_fraction=0.25, eval_every=150, checkpoint_every=100)
+    untrained = train_draft(smollm2_path, out, tmp_path / "d0", TrainConfig(**{**cfg.__dict__, "steps": 1, "eval_every": 1}), progress=False)
+    report = train_draft(smollm2_path, out, tmp_path / "d1", cfg, progress=False)
+    first = untrained["history"][-1]["heldout"]
+    last = report["history"][-1]["heldout"]
+    assert last["loss"] < first["loss"]
+    assert last["acc"] > first["acc"]
+    assert (tmp_path / "d1" / "model.safetensors").is_file() and not (tmp_path / "d1.checkpoint").exists()
