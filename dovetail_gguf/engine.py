@@ -49,8 +49,8 @@ class DraftTree:
 class Drafter(Protocol):
     """What the engine needs from a draft model."""
 
-    def trim(self, n_pairs: int) -> None:
-        """Keep the first ``n_pairs`` committed (feature, token) pairs."""
+    def trim(self, n_pairs: int) -> int:
+        """Keep at most the first ``n_pairs`` committed (feature, token) pairs; return how many it holds."""
 
     def propose(self, features: np.ndarray, tokens: np.ndarray, tree: TreeConfig) -> DraftTree:
         """Commit the new pairs (feature of position t-1, token at t), the last one being the
@@ -160,11 +160,18 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, int]:
-        """Reuse the longest cached prefix, evaluate the rest. Returns (last logits, n reused)."""
+        """Reuse the longest cached prefix, evaluate the rest. Returns (last logits, n reused).
+
+        With a drafter, the reused prefix also stops where the drafter's own
+        cache ends: its next pair needs the target feature just before it.
+        """
         t = self.target
         cached = t.committed_tokens
         common = int(np.argmin(np.append(cached[: prompt.size] == prompt[: cached.size], False)))
         n_keep = min(common, prompt.size - 1)  # the last prompt token is always evaluated
+        if self.drafter is not None:
+            held = self.drafter.trim(max(n_keep - 1, 0))
+            n_keep = min(n_keep, held + 1)
         t.truncate(n_keep)
         logits, hidden = t.prefill(prompt[n_keep:])
         if self._hidden is not None:
@@ -186,7 +193,6 @@ class Engine:
             stats.prefill_seconds = time.perf_counter() - t0
             root = sample_token(logits, params, rng)
             if drafter is not None:
-                drafter.trim(max(n_keep - 1, 0))
                 feats = self._hidden[max(n_keep - 1, 0) : prompt.size]
                 pair_tokens = np.append(prompt[max(n_keep, 1) :], root).astype(np.int32)
             pending = [root]

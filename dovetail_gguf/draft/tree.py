@@ -80,8 +80,9 @@ class TreeDrafter:
     def peak_memory_bytes(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
-    def trim(self, n_pairs: int) -> None:
+    def trim(self, n_pairs: int) -> int:
         self.cache.trim(min(n_pairs, self.cache.length))
+        return self.cache.length
 
     def _to_device(self, features: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
