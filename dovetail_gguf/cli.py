@@ -283,3 +283,37 @@ def train_draft_cmd(data_dir, output, target, init_from, layers, fusion, draft_v
     report = train_draft(target or default_target_path(), data_dir, output, cfg, init_from=init_from)
     last = report["history"][-1]["heldout"] if report["history"] else {}
     click.echo(f"wrote {output}: held-out loss {last.get('loss', float('nan')):.4f}, token accuracy {last.get('acc', float('nan')):.3f}")
+
+
+# ---------------------------------------------------------------------- bench
+@main.command()
+@target_options
+@draft_options
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None, help="JSONL with 'prompt' fields (default: HumanEval).")
+@click.option("--n", "n_prompts", type=click.IntRange(min=1), default=20, show_default=True, help="Number of prompts.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--systems", default="plain,prompt-lookup,dovetail", show_default=True, help="Comma-separated systems to compare.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write every raw figure here.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG: tokens/s per system, τ vs speedup.")
+def bench(prompts_file, n_prompts, max_tokens, systems, json_out, plot_out, **kw) -> None:
+    """Compare plain llama.cpp decoding, prompt-lookup decoding and Dovetail on the same GGUF (greedy)."""
+    from .bench import DOVETAIL, LOOKUP, PLAIN, file_prompts, format_table, humaneval_prompts, plot, run_bench
+    from .engine import TreeConfig
+    from .models import default_target_path
+
+    chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
+    unknown = set(chosen) - {PLAIN, LOOKUP, DOVETAIL}
+    if unknown or PLAIN not in chosen:
+        raise DovetailError(f"--systems takes {PLAIN} (required), {LOOKUP}, {DOVETAIL}; got {systems!r}")
+    prompts = file_prompts(prompts_file, n_prompts) if prompts_file else humaneval_prompts(n_prompts)
+    draft = None if kw["no_draft"] else kw["draft"]
+    if kw["no_draft"]:
+        chosen = tuple(s for s in chosen if s != DOVETAIL)
+    tree = TreeConfig(kw["tree_tokens"], kw["tree_depth"], kw["tree_topk"])
+    report = run_bench(prompts, kw["target"] or default_target_path(), draft, max_tokens=max_tokens, threads=kw["threads"],
+                       device=kw["device"], tree=tree, n_ctx=kw["ctx_size"], systems=chosen)
+    click.echo(format_table(report["summary"]))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1))
+    if plot_out:
+        plot(report, plot_out)

@@ -41,6 +41,7 @@ class TargetConfig:
     max_tree_nodes: int = 64
     max_tree_paths: int = 64  # leaves per tree; llama.cpp allows 255
     use_extra_buffers: bool | None = None  # None: automatic (off only where AMX kernels crash)
+    unified_kv: bool = True  # trees need it; independent sequences (decode_rows) run faster without
 
     def validate(self) -> None:
         if self.n_ctx < 16:
@@ -186,7 +187,7 @@ class Target:
         cp.n_threads = cp.n_threads_batch = self.n_threads
         cp.embeddings = True  # post-norm hidden state of every row, next to its logits
         cp.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED  # causal LMs: none, one row per token
-        cp.kv_unified = True  # one cell pool shared by all path sequences
+        cp.kv_unified = config.unified_kv  # one cell pool shared by all path sequences
         self._ctx = llama_cpp.llama_init_from_model(self._model, cp)
         if not self._ctx:
             self.close()
@@ -382,6 +383,8 @@ class Target:
         and hidden state of evaluating its root-to-node path alone. Call
         :meth:`commit` before the next evaluation.
         """
+        if not self.config.unified_kv:
+            raise InvalidArgumentError("tree verification needs TargetConfig(unified_kv=True)")
         layout = tree_layout(tokens, parents)
         n = layout.tokens.size
         if n > self.max_tree_nodes:

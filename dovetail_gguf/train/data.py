@@ -226,8 +226,9 @@ def generate_data(target_path: str | os.PathLike, prompts_path: str | os.PathLik
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens
-    target = Target(target_path, TargetConfig(n_ctx=seq_len * cfg.batch_size, n_threads=cfg.n_threads,
-                                              max_tree_paths=max(cfg.batch_size, 1), n_batch=512))
+    # one KV stream per sequence: attention then spans only that sequence's cells
+    target = Target(target_path, TargetConfig(n_ctx=seq_len * (cfg.batch_size + 1), n_threads=cfg.n_threads,
+                                              max_tree_paths=cfg.batch_size, n_batch=512, unified_kv=False))
     manifest = _Manifest(out, target.facts, cfg, str(prompts_path), len(prompts))
     manifest.save()
     start = manifest.next_prompt

