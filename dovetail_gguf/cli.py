@@ -317,3 +317,25 @@ def bench(prompts_file, n_prompts, max_tokens, systems, json_out, plot_out, **kw
         Path(json_out).write_text(json.dumps(report, indent=1))
     if plot_out:
         plot(report, plot_out)
+
+
+# ---------------------------------------------------------------------- serve
+@main.command()
+@target_options
+@draft_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback must be asked for.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--api-key", default=None, envvar="DOVETAIL_API_KEY", help="Require 'Authorization: Bearer KEY' (or set DOVETAIL_API_KEY).")
+@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Default max_tokens when a request gives none.")
+def serve(host, port, api_key, default_max_tokens, **kw) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    import uvicorn
+
+    from .server import create_app
+
+    dt = load_dovetail(kw)
+    name = dt.target.path.stem
+    app = create_app(dt, name, api_key=api_key, default_max_tokens=default_max_tokens)
+    click.echo(f"serving {name} on http://{host}:{port}/v1 (draft: {'yes' if dt.drafter else 'no'})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

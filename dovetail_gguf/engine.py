@@ -144,10 +144,8 @@ class Engine:
         self._hidden = np.zeros((target.n_ctx, target.n_embd), dtype=np.float32) if drafter else None
         self._device_stats = getattr(drafter, "peak_memory_bytes", None)
 
-    def start(self, prompt_tokens, options: GenerateOptions | None = None) -> Generation:
-        """Begin generating after ``prompt_tokens``; iterate the result for text pieces."""
-        options = options or GenerateOptions()
-        options.validate()
+    def check_prompt(self, prompt_tokens) -> np.ndarray:
+        """The prompt as int32 tokens; raises for an empty prompt or one that does not fit the context."""
         prompt = np.ascontiguousarray(prompt_tokens, dtype=np.int32)
         if prompt.ndim != 1 or prompt.size == 0:
             raise InvalidArgumentError("the prompt is empty")
@@ -156,7 +154,13 @@ class Engine:
                 f"the prompt has {prompt.size} tokens but the context holds {self.target.n_ctx}; "
                 "shorten the prompt or raise the context size"
             )
-        return Generation(self, prompt, options)
+        return prompt
+
+    def start(self, prompt_tokens, options: GenerateOptions | None = None) -> Generation:
+        """Begin generating after ``prompt_tokens``; iterate the result for text pieces."""
+        options = options or GenerateOptions()
+        options.validate()
+        return Generation(self, self.check_prompt(prompt_tokens), options)
 
     # ------------------------------------------------------------------ internals
     def _prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, int]:
