@@ -339,3 +339,18 @@ def serve(host, port, api_key, default_max_tokens, **kw) -> None:
     app = create_app(dt, name, api_key=api_key, default_max_tokens=default_max_tokens)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (draft: {'yes' if dt.drafter else 'no'})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------------- convert
+@main.command("convert")
+@click.argument("src", type=click.Path())
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True, help="GGUF file to write.")
+@click.option("--outtype", default="f16", show_default=True,
+              help="f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def convert_cmd(src, out, outtype, force) -> None:
+    """Convert a LLaMA/Mistral checkpoint folder (HF or Meta layout) to GGUF."""
+    from convert.hf import convert
+
+    path = convert(src, out, outtype, force=force)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
