@@ -62,8 +62,13 @@ class Dovetail:
         device: str = "auto",
         tree: TreeConfig | None = None,
         target_config: TargetConfig | None = None,
+        adaptive: bool = True,
     ):
-        """``draft``: a draft folder, None for the shipped default (if any), False for none."""
+        """``draft``: a draft folder, None for the shipped default (if any), False for none.
+
+        ``adaptive``: size each round's tree from measured costs and acceptance, and fall back
+        to plain decoding where speculation does not pay; False always drafts ``tree``.
+        """
         self.target = Target(target or default_target_path(), target_config)
         self.drafter = None
         if draft is not False:
@@ -74,7 +79,7 @@ class Dovetail:
                 self.drafter = load_drafter(draft_dir, self.target, device=device)
             elif draft is True:
                 raise InvalidArgumentError("no draft given and no default draft is installed")
-        self.engine = Engine(self.target, self.drafter, tree)
+        self.engine = Engine(self.target, self.drafter, tree, adaptive=adaptive)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifetime

@@ -105,7 +105,7 @@ class _LookupSystem:
 
 def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, threads: int | None = None,
               device: str = "auto", tree=None, n_ctx: int = 2048, systems=(PLAIN, LOOKUP, DOVETAIL),
-              progress: bool = True) -> dict:
+              progress: bool = True, adaptive: bool = True) -> dict:
     """Run every system on every prompt, interleaved; returns the raw records and the summary."""
     from tqdm import tqdm
 
@@ -118,7 +118,8 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     threads = threads or physical_cores()
     tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads)
     plain = Dovetail(target_path, False, target_config=tcfg)
-    dovetail = Dovetail(target_path, draft, device=device, tree=tree, target_config=tcfg) if DOVETAIL in systems else None
+    dovetail = (Dovetail(target_path, draft, device=device, tree=tree, target_config=tcfg, adaptive=adaptive)
+                if DOVETAIL in systems else None)
     if dovetail is not None and dovetail.drafter is None:
         raise InvalidArgumentError("no draft: pass --draft DIR (or install the default draft)")
     lookup = _LookupSystem(plain.target.path, n_ctx, threads) if LOOKUP in systems else None
@@ -143,7 +144,8 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     peak_gpu = dovetail.drafter.peak_memory_bytes() if dovetail is not None else None
     report = {"machine": machine_description(threads), "settings": {
         "target": str(plain.target.path), "draft": str(draft) if draft else None, "max_tokens": max_tokens,
-        "n_prompts": len(prompts), "n_ctx": n_ctx, "tree": vars(dovetail.engine.tree) if dovetail else None},
+        "n_prompts": len(prompts), "n_ctx": n_ctx, "tree": vars(dovetail.engine.tree) if dovetail else None,
+        "adaptive": adaptive, "verify_ms": dovetail.engine.policy.verify_ms if dovetail and dovetail.engine.policy else None},
         "records": [vars(r) for r in records],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}
     report["summary"] = summarize(records)

@@ -62,6 +62,9 @@ def draft_options(f):
     f = click.option("--tree-tokens", type=click.IntRange(min=1, max=62), default=16, show_default=True, help="Draft tokens per tree (root not counted).")(f)
     f = click.option("--tree-depth", type=click.IntRange(min=1, max=32), default=7, show_default=True, help="Maximum tree depth.")(f)
     f = click.option("--tree-topk", type=click.IntRange(min=1, max=64), default=10, show_default=True, help="Children considered per expanded node.")(f)
+    f = click.option("--fixed-tree", is_flag=True,
+                     help="Always draft the full tree. By default each tree is sized from measured costs and "
+                          "acceptance, with plain decoding where speculation does not pay.")(f)
     return f
 
 
@@ -83,7 +86,8 @@ def load_dovetail(kw: dict):
     tcfg = TargetConfig(n_ctx=kw["ctx_size"], n_threads=kw["threads"], n_gpu_layers=kw["gpu_layers"])
     tree = TreeConfig(kw.get("tree_tokens", 16), kw.get("tree_depth", 7), kw.get("tree_topk", 10))
     draft = False if kw.get("no_draft") else kw.get("draft")
-    return Dovetail(kw["target"], draft, device=kw.get("device", "auto"), tree=tree, target_config=tcfg)
+    return Dovetail(kw["target"], draft, device=kw.get("device", "auto"), tree=tree, target_config=tcfg,
+                    adaptive=not kw.get("fixed_tree", False))
 
 
 def sampling_kwargs(kw: dict) -> dict:
@@ -311,7 +315,7 @@ def bench(prompts_file, n_prompts, max_tokens, systems, json_out, plot_out, **kw
         chosen = tuple(s for s in chosen if s != DOVETAIL)
     tree = TreeConfig(kw["tree_tokens"], kw["tree_depth"], kw["tree_topk"])
     report = run_bench(prompts, kw["target"] or default_target_path(), draft, max_tokens=max_tokens, threads=kw["threads"],
-                       device=kw["device"], tree=tree, n_ctx=kw["ctx_size"], systems=chosen)
+                       device=kw["device"], tree=tree, n_ctx=kw["ctx_size"], systems=chosen, adaptive=not kw["fixed_tree"])
     click.echo(format_table(report["summary"]))
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=1))

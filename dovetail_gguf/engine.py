@@ -16,6 +16,7 @@ import numpy as np
 
 from .accept import SamplingParams, accept_greedy, accept_sampling, sample_token
 from .errors import ContextFullError, InvalidArgumentError
+from .policy import TreePolicy
 from .target import Target
 from .text import Detokenizer, StopMatcher
 
@@ -135,10 +136,15 @@ class Generation:
 class Engine:
     """Speculative generation over one target and an optional drafter."""
 
-    def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None):
+    def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
+                 adaptive: bool = False):
+        """``adaptive``: size each tree from measured costs and acceptance, falling back to plain
+        decoding when speculation does not pay (see policy.py); else always draft ``tree``."""
         self.target = target
         self.drafter = drafter
         self.tree = tree or TreeConfig()
+        self.adaptive = adaptive
+        self.policy: TreePolicy | None = None
         self.tree.validate(target.max_tree_nodes)
         # target hidden state of every committed position, so a drafter can resume after prefix reuse
         self._hidden = np.zeros((target.n_ctx, target.n_embd), dtype=np.float32) if drafter else None
@@ -164,15 +170,17 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, int]:
-        """Reuse the longest cached prefix, evaluate the rest. Returns (last logits, n reused).
+        """Reuse the longest cached prefix, evaluate the rest.
 
-        With a drafter, the reused prefix also stops where the drafter's own
-        cache ends: its next pair needs the target feature just before it.
+        Returns (last logits, pairs the drafter holds). With a drafter, the
+        reused prefix also stops where the drafter's own cache ends: its next
+        pair needs the target feature just before it.
         """
         t = self.target
         cached = t.committed_tokens
         common = int(np.argmin(np.append(cached[: prompt.size] == prompt[: cached.size], False)))
         n_keep = min(common, prompt.size - 1)  # the last prompt token is always evaluated
+        held = 0
         if self.drafter is not None:
             held = self.drafter.trim(max(n_keep - 1, 0))
             n_keep = min(n_keep, held + 1)
@@ -180,7 +188,27 @@ class Engine:
         logits, hidden = t.prefill(prompt[n_keep:])
         if self._hidden is not None:
             self._hidden[n_keep : prompt.size] = hidden
-        return logits, n_keep
+        return logits, held
+
+    def _calibrate(self) -> TreePolicy:
+        """Measure t(k) for a few tree sizes on the current context (once per engine)."""
+        t = self.target
+        n_past, rng = t.n_past, np.random.default_rng(0)
+        sizes = [k for k in (1, 2, 4, 8, 16, 32) if k <= min(t.max_tree_nodes, self.tree.tokens + 1)]
+        if sizes[-1] != min(t.max_tree_nodes, self.tree.tokens + 1):
+            sizes.append(min(t.max_tree_nodes, self.tree.tokens + 1))
+        cost = {}
+        for k in sizes:
+            times = []
+            for _ in range(3):
+                tokens = rng.integers(0, t.n_vocab, size=k).astype(np.int32)
+                t0 = time.perf_counter()
+                t.verify_tree(tokens, np.arange(-1, k - 1))
+                times.append(time.perf_counter() - t0)
+                t.truncate(n_past)
+            cost[k] = 1000 * min(times)
+        log.info("verification cost (ms) by tree size: %s", {k: round(v, 2) for k, v in cost.items()})
+        return TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, cost)
 
     def _generate(self, prompt: np.ndarray, options: GenerateOptions, handle: Generation) -> Iterator[str]:
         t, drafter, params = self.target, self.drafter, options.sampling
@@ -193,12 +221,11 @@ class Engine:
         finish, stop_hit = "length", False
         t0 = time.perf_counter()
         try:
-            logits, n_keep = self._prefill(prompt)
+            logits, draft_len = self._prefill(prompt)  # draft_len: pairs the drafter holds
             stats.prefill_seconds = time.perf_counter() - t0
+            if drafter is not None and self.adaptive and self.policy is None:
+                self.policy = self._calibrate()
             root = sample_token(logits, params, rng)
-            if drafter is not None:
-                feats = self._hidden[max(n_keep - 1, 0) : prompt.size]
-                pair_tokens = np.append(prompt[max(n_keep, 1) :], root).astype(np.int32)
             pending = [root]
             while True:
                 # emit what the last step produced, stopping exactly where a stop condition hits
@@ -220,22 +247,30 @@ class Engine:
                         break
                 if done:
                     break
+                root = pending[-1]
                 room = min(t.n_ctx, t.n_cells) - t.n_past
                 if room < 1:
                     finish = "context_full"
                     break
                 stats.rounds += 1
-                if drafter is None or room < 2:  # no room for a tree: one plain step
+                tree = self._next_tree(room, t.n_cells - t.n_past) if drafter is not None else None
+                if tree is None:  # a plain step: no drafter, no room, or speculation does not pay now
                     tv = time.perf_counter()
-                    logits, _ = t.decode_one(pending[-1])
+                    logits, hidden = t.decode_one(root)
+                    if self._hidden is not None:
+                        self._hidden[t.n_past - 1] = hidden
                     stats.verify_seconds += time.perf_counter() - tv
                     pending = [sample_token(logits, params, rng)]
                     stats.accepted_tokens += 1
                     continue
                 td = time.perf_counter()
-                tree = drafter.propose(feats, pair_tokens, self._fit_tree(room, t.n_cells - t.n_past))
+                # pairs the drafter lacks: (feature of position p-1, token at p) up to the root
+                feats = self._hidden[draft_len : t.n_past]
+                pair_tokens = np.append(t.history(draft_len + 1), root).astype(np.int32)
+                proposal = drafter.propose(feats, pair_tokens, tree)
+                draft_len = t.n_past
                 tv = time.perf_counter()
-                res = t.verify_tree(tree.tokens, tree.parents)
+                res = t.verify_tree(proposal.tokens, proposal.parents)
                 if params.greedy:
                     acc = accept_greedy(res.layout.tokens, res.layout.parents, res.layout.ancestors, res.logits)
                 else:
@@ -245,11 +280,10 @@ class Engine:
                 t.commit(acc.path)
                 stats.draft_seconds += tv - td
                 stats.verify_seconds += time.perf_counter() - tv
-                accepted = res.layout.tokens[acc.path[1:]]
-                pending = [*accepted.tolist(), acc.next_token]
+                if self.policy is not None:
+                    self.policy.observe(tree.depth, acc.path.size - 1, 1000 * (tv - td))
+                pending = [*res.layout.tokens[acc.path[1:]].tolist(), acc.next_token]
                 stats.accepted_tokens += len(pending)
-                feats = self._hidden[lo : lo + acc.path.size]
-                pair_tokens = np.asarray(pending, dtype=np.int32)
         finally:
             tail = "" if stop_hit else stops.feed(detok.flush())[0] + stops.flush()
             stats.total_seconds = time.perf_counter() - t0
@@ -260,10 +294,21 @@ class Engine:
         if tail:
             yield tail
 
-    def _fit_tree(self, room: int, free_cells: int) -> TreeConfig:
-        """The configured tree, made smaller where the context has little room left."""
-        if room > self.tree.depth and free_cells > self.tree.tokens:
-            return self.tree
-        return TreeConfig(
-            tokens=min(self.tree.tokens, free_cells - 1), depth=min(self.tree.depth, room - 1), topk=self.tree.topk
-        )
+    def _next_tree(self, room: int, free_cells: int) -> TreeConfig | None:
+        """This round's tree: the policy's choice (or the configured tree), fitted to the room left."""
+        if room < 2 or free_cells < 2:
+            return None
+        tree = self.tree
+        if self.policy is not None:
+            choice = self.policy.choose()
+            if choice is None:
+                return None
+            tree = TreeConfig(tokens=choice[1], depth=choice[0], topk=self.tree.topk)
+        return self._fit_tree(tree, room, free_cells)
+
+    @staticmethod
+    def _fit_tree(tree: TreeConfig, room: int, free_cells: int) -> TreeConfig:
+        """``tree``, made smaller where the context has little room left."""
+        if room > tree.depth and free_cells > tree.tokens:
+            return tree
+        return TreeConfig(tokens=min(tree.tokens, free_cells - 1), depth=min(tree.depth, room - 1), topk=tree.topk)

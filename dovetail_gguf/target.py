@@ -238,6 +238,12 @@ class Target:
         """The tokens the KV cache holds, in order (a copy)."""
         return self._history[: self.n_past].copy()
 
+    def history(self, lo: int, hi: int | None = None) -> np.ndarray:
+        """A read-only view of committed tokens [lo, hi)."""
+        view = self._history[lo : self.n_past if hi is None else min(hi, self.n_past)]
+        view.flags.writeable = False
+        return view
+
     @property
     def chat_template(self) -> str | None:
         return self.facts.chat_template

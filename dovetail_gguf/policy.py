@@ -1,0 +1,80 @@
+"""Sizing each round's tree from what it costs on this machine and how much of it gets accepted.
+
+On a CPU, verifying k tree nodes costs t(k) = r(k) * t(1) with r growing
+quickly (SmolLM2 on 2 threads: r(16) is about 5.6), and the draft costs time
+per depth. A round that drafts depth D and verifies n nodes emits on average
+E(D) = 1 + sum_{d=1..D} P(accepted length >= d) tokens, so its speed is
+E(D) / (draft(D) + t(n)). The policy picks the tree with the best speed and
+falls back to plain decoding (speed 1 / t(1)) when no tree beats it,
+re-trying speculation now and then so its estimates stay fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TreePolicy:
+    """Chooses a tree size per round; ``None`` means a plain one-token step."""
+
+    max_tokens: int
+    max_depth: int
+    topk: int
+    verify_ms: dict[int, float]  # measured t(k) in ms for some k (1 included)
+    probe_every: int = 16  # plain steps between speculative probes
+    draft_ms_per_depth: float = 0.0  # running estimate
+    draft_ms_fixed: float = 0.0
+    _reach: np.ndarray = field(default=None, repr=False)  # P(accepted length >= d), d = 0..max_depth
+    _plain_steps: int = 0
+    _rounds: int = 0
+
+    def __post_init__(self) -> None:
+        self._reach = np.array([1.0] + [0.7 ** d for d in range(1, self.max_depth + 1)])  # optimistic start
+
+    def verify_cost(self, n: int) -> float:
+        ks = np.array(sorted(self.verify_ms))
+        return float(np.interp(n, ks, [self.verify_ms[k] for k in ks]))
+
+    def speed(self, depth: int, tokens: int) -> float:
+        expected = float(self._reach[: depth + 1].sum())
+        cost = self.draft_ms_fixed + self.draft_ms_per_depth * depth + self.verify_cost(tokens + 1)
+        return expected / cost
+
+    def candidates(self):
+        for depth in range(1, self.max_depth + 1):
+            for width in (1, 2, 3):
+                tokens = min(self.max_tokens, depth * width)
+                if tokens >= depth:
+                    yield depth, tokens
+
+    def choose(self) -> tuple[int, int] | None:
+        """(depth, tokens) of the next tree, or None for a plain step."""
+        best = max(self.candidates(), key=lambda c: self.speed(*c))
+        plain = 1.0 / self.verify_cost(1)
+        if self.speed(*best) > plain:
+            self._plain_steps = 0
+            return best
+        self._plain_steps += 1
+        if self._plain_steps >= self.probe_every:  # look again: acceptance may have changed
+            self._plain_steps = 0
+            return best
+        return None
+
+    def observe(self, depth: int, accepted: int, draft_ms: float) -> None:
+        """Update after a speculative round: tree depth, accepted draft tokens (bonus excluded)."""
+        self._rounds += 1
+        rate = 0.5 if self._rounds <= 5 else 0.2
+        hit = (np.arange(1, depth + 1) <= accepted).astype(float)
+        self._reach[1 : depth + 1] += rate * (hit - self._reach[1 : depth + 1])
+        self._reach[1:] = np.minimum.accumulate(self._reach[1:])  # P(length >= d) falls with d
+        per_depth = draft_ms / max(depth, 1)
+        if self._rounds == 1:
+            self.draft_ms_per_depth = per_depth
+        else:
+            self.draft_ms_per_depth += rate * (per_depth - self.draft_ms_per_depth)

@@ -1,0 +1,51 @@
+"""The adaptive tree policy: pure decisions from costs and acceptance."""
+
+from __future__ import annotations
+
+from dovetail_gguf.policy import TreePolicy
+
+# SmolLM2 on this machine, 2 threads: t(k) in ms, roughly (see benchmarks/verify_cost.py)
+STEEP = {1: 12.0, 2: 15.0, 4: 23.0, 8: 38.0, 16: 67.0, 32: 130.0}
+FLAT = {1: 55.0, 2: 60.0, 4: 61.0, 8: 110.0, 16: 187.0}  # a 7B on 16 cores (shared notes)
+
+
+def policy(costs, draft_ms=0.0) -> TreePolicy:
+    p = TreePolicy(max_tokens=16, max_depth=7, topk=10, verify_ms=costs, probe_every=4)
+    p.draft_ms_per_depth = draft_ms
+    return p
+
+
+def test_good_acceptance_and_cheap_draft_choose_a_real_tree():
+    p = policy(FLAT, draft_ms=1.0)
+    for _ in range(20):
+        p.observe(depth=7, accepted=6, draft_ms=7.0)
+    depth, tokens = p.choose()
+    assert depth >= 4 and tokens >= depth
+    assert p.speed(depth, tokens) > 1 / FLAT[1] * 2  # a projected speedup of over 2x
+
+
+def test_poor_acceptance_falls_back_to_plain_and_probes():
+    p = policy(STEEP, draft_ms=4.0)
+    for _ in range(20):
+        p.observe(depth=3, accepted=0, draft_ms=12.0)
+    choices = [p.choose() for _ in range(8)]
+    assert choices.count(None) == 6  # plain steps, with a probe every 4th
+    assert choices[3] is not None and choices[7] is not None
+
+
+def test_acceptance_estimate_falls_with_depth_and_tracks_observations():
+    p = policy(STEEP)
+    for _ in range(30):
+        p.observe(depth=5, accepted=2, draft_ms=5.0)
+    reach = p._reach
+    assert all(reach[i] >= reach[i + 1] for i in range(len(reach) - 1))
+    assert reach[1] > 0.95 and reach[2] > 0.95 and reach[3] < 0.05
+    assert abs(p.draft_ms_per_depth - 1.0) < 1e-6
+
+
+def test_steep_costs_prefer_small_trees():
+    p = policy(STEEP, draft_ms=0.5)
+    for _ in range(20):
+        p.observe(depth=7, accepted=3, draft_ms=3.5)
+    depth, tokens = p.choose()
+    assert tokens <= 8  # big trees cost more than their extra acceptance brings
