@@ -395,8 +395,8 @@ class Target:
         n = layout.tokens.size
         if n > self.max_tree_nodes:
             raise InvalidArgumentError(f"tree of {n} nodes exceeds max_tree_nodes {self.max_tree_nodes}")
-        if layout.n_paths >= self.n_seq_max:
-            raise InvalidArgumentError(f"tree has {layout.n_paths} leaves; at most {self.n_seq_max - 1} allowed")
+        if layout.n_paths > self.n_seq_max:
+            raise InvalidArgumentError(f"tree has {layout.n_paths} leaves; at most {self.n_seq_max} allowed")
         self._check_tokens(layout.tokens)
         self._check_room(int(layout.depth.max()) + 1)
         if self.n_past + n > self.n_cells:

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from convert.hf import convert
-from dovetail_gguf.errors import DovetailError, InvalidArgumentError, ModelFileError
 from dovetail_gguf.gguf_io import read_facts
 from dovetail_gguf.target import Target, TargetConfig
 

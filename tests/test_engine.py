@@ -60,7 +60,8 @@ def untrained_dir(tmp_path_factory, smollm2_path):
 
 @pytest.fixture(scope="module")
 def untrained(untrained_dir):
-    dt = Dovetail(draft=untrained_dir, device="cpu", tree=TreeConfig(8, 4, 4), target_config=TCFG)
+    # a fixed tree: every round drafts and verifies (adaptive sizing would fall back to plain steps)
+    dt = Dovetail(draft=untrained_dir, device="cpu", tree=TreeConfig(8, 4, 4), target_config=TCFG, adaptive=False)
     yield dt
     dt.close()
 
@@ -93,7 +94,7 @@ def test_greedy_output_is_the_targets_own(base, untrained, which):
     if which == "shipped":
         if default_draft_path() is None:
             pytest.skip("no shipped draft")
-        dt = Dovetail(target_config=TCFG)
+        dt = Dovetail(target_config=TCFG, adaptive=False)
     else:
         dt = untrained
     for prompt in PROMPTS:

@@ -77,7 +77,7 @@ class Windows:
 
     def __init__(self, seqs, seq_len: int):
         self.items = []
-        for s, (toks, hid, plen) in enumerate(seqs):
+        for s, (toks, _hid, _plen) in enumerate(seqs):
             n = len(toks)
             if n < 3:
                 continue
