@@ -223,6 +223,13 @@ class DraftModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def to_inference(self, device: torch.device, dtype: torch.dtype) -> "DraftModel":
+        """Move to ``device`` in ``dtype``, keeping the RoPE tables in fp32 (bf16 angles are too coarse)."""
+        cos, sin = self.rope_cos.float(), self.rope_sin.float()
+        self.to(device=device, dtype=dtype)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        return self.eval()
+
     def forward(
         self,
         features: torch.Tensor,

@@ -71,7 +71,7 @@ class TreeDrafter:
     def __init__(self, model: DraftModel, max_positions: int, device: torch.device, dtype: torch.dtype | None = None):
         self.device = device
         self.dtype = dtype or default_dtype(device)
-        self.model = model.to(device=device, dtype=self.dtype).eval()
+        self.model = model.to_inference(device, self.dtype)
         self.max_tree_slots = 64 * 64  # (depth - 1) * topk for any accepted TreeConfig
         self.max_positions = min(max_positions, model.cfg.max_positions - 1)
         self.cache = DraftKVCache(model.cfg, self.max_positions + self.max_tree_slots, device, self.dtype)
