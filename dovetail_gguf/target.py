@@ -90,7 +90,8 @@ def tree_layout(tokens, parents) -> TreeLayout:
     anc[np.arange(1, n), parents[1:]] = True
     steps = max(1, int(np.ceil(np.log2(max(n, 2)))))
     for _ in range(steps):
-        nxt = (anc.astype(np.uint8) @ anc.astype(np.uint8)) > 0
+        a = anc.astype(np.float32)  # BLAS: integer matmul has no fast path in numpy
+        nxt = (a @ a) > 0
         if (nxt == anc).all():
             break
         anc = nxt
@@ -454,7 +455,10 @@ class Target:
             self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
 
     def commit(self, path) -> None:
-        """Keep the verified nodes ``path`` (root first, each the parent of the next); free the rest."""
+        """Keep the verified nodes ``path`` (root first, each the parent of the next); free the rest.
+
+        May run a small llama_decode (see below): views from verify_tree are invalid afterwards.
+        """
         layout = self._pending
         if layout is None:
             raise InvalidArgumentError("commit() needs a verify_tree() call first")
@@ -465,14 +469,19 @@ class Target:
         if path.size > 1 and (layout.parents[path[1:]] != path[:-1]).any():
             raise InvalidArgumentError("an accepted path must follow parent links")
         lo, hi = self.n_past, self.n_past + path.size
-        seq = int(layout.seq_ids[path[-1], 0])  # a path sequence through the last accepted node
-        if seq == 0:
-            self._lib.llama_memory_seq_rm(self._mem, 0, hi, -1)
-        else:
-            self._lib.llama_memory_seq_rm(self._mem, 0, lo, -1)
-            self._lib.llama_memory_seq_cp(self._mem, seq, 0, lo, hi)
+        # Nodes 0..k-1 of the tree sit in cells lo..lo+k-1, in order, on sequence 0 (the first
+        # path is laid out first). Accepted nodes past them sit in scattered cells: re-evaluate
+        # those few tokens as a chain so the cache stays compact and in position order, exactly
+        # as plain decoding leaves it (scattered cells change the attention's summation order).
+        on_first = layout.seq_ids[path, 0] == 0
+        k = int(np.argmin(np.append((path == np.arange(path.size)) & on_first, False)))
+        self._lib.llama_memory_seq_rm(self._mem, 0, lo + k, -1)
         for s in range(1, layout.n_paths):
             self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
+        self._pending = None
+        if k < path.size:
+            self._batch.set_chain(layout.tokens[path[k:]], lo + k)
+            self._decode()
         self._history[lo:hi] = layout.tokens[path]
         self.n_past = hi
         self._pending = None
