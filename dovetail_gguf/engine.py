@@ -253,7 +253,8 @@ class Engine:
                     finish = "context_full"
                     break
                 stats.rounds += 1
-                tree = self._next_tree(room, t.n_cells - t.n_past) if drafter is not None else None
+                # trees stay inside the attention window a plain step would use: bit-identical logits
+                tree = self._next_tree(room, min(t.n_cells - t.n_past, t.window_room)) if drafter is not None else None
                 if tree is None:  # a plain step: no drafter, no room, or speculation does not pay now
                     tv = time.perf_counter()
                     logits, hidden = t.decode_one(root)

@@ -33,9 +33,12 @@ class TreePolicy:
     _reach: np.ndarray = field(default=None, repr=False)  # P(accepted length >= d), d = 0..max_depth
     _plain_steps: int = 0
     _rounds: int = 0
+    _best: tuple[int, int] | None = None  # cached until the next observation
+    _probe_gap: int = 0
 
     def __post_init__(self) -> None:
         self._reach = np.array([1.0] + [0.7 ** d for d in range(1, self.max_depth + 1)])  # optimistic start
+        self._probe_gap = self.probe_every
 
     def verify_cost(self, n: int) -> float:
         ks = np.array(sorted(self.verify_ms))
@@ -55,15 +58,17 @@ class TreePolicy:
 
     def choose(self) -> tuple[int, int] | None:
         """(depth, tokens) of the next tree, or None for a plain step."""
-        best = max(self.candidates(), key=lambda c: self.speed(*c))
-        plain = 1.0 / self.verify_cost(1)
-        if self.speed(*best) > plain:
-            self._plain_steps = 0
-            return best
+        if self._best is None:
+            best = max(self.candidates(), key=lambda c: self.speed(*c))
+            self._best = best if self.speed(*best) > 1.0 / self.verify_cost(1) else (0, 0)
+        if self._best != (0, 0):
+            self._plain_steps, self._probe_gap = 0, self.probe_every
+            return self._best
         self._plain_steps += 1
-        if self._plain_steps >= self.probe_every:  # look again: acceptance may have changed
+        if self._plain_steps >= self._probe_gap:  # look again, less often while probes keep failing
             self._plain_steps = 0
-            return best
+            self._probe_gap = min(2 * self._probe_gap, 16 * self.probe_every)
+            return max(self.candidates(), key=lambda c: self.speed(*c))
         return None
 
     def observe(self, depth: int, accepted: int, draft_ms: float) -> None:
@@ -73,6 +78,7 @@ class TreePolicy:
         hit = (np.arange(1, depth + 1) <= accepted).astype(float)
         self._reach[1 : depth + 1] += rate * (hit - self._reach[1 : depth + 1])
         self._reach[1:] = np.minimum.accumulate(self._reach[1:])  # P(length >= d) falls with d
+        self._best = None
         per_depth = draft_ms / max(depth, 1)
         if self._rounds == 1:
             self.draft_ms_per_depth = per_depth

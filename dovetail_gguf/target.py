@@ -27,6 +27,7 @@ from .llama_runtime import extra_buffers_safe, init_backend, physical_cores
 log = logging.getLogger(__name__)
 
 LLAMA_MAX_SEQ = 256
+KV_WINDOW_PAD = 256  # llama.cpp attends over the used cells padded to a multiple of this
 
 
 @dataclass
@@ -320,6 +321,13 @@ class Target:
         self._history[lo : self.n_past - n_discard] = self._history[hi : self.n_past]
         self.n_past -= n_discard
         self._pending = None
+
+    @property
+    def window_room(self) -> int:
+        """Cells a batch can use without widening the attention window past the one a single
+        next-token decode would use. A wider window changes llama.cpp's summation order, and
+        so the logits in their last bits."""
+        return -(-(self.n_past + 1) // KV_WINDOW_PAD) * KV_WINDOW_PAD - self.n_past
 
     def _check_room(self, n_new: int) -> None:
         if self.n_past + n_new > self.n_ctx:
