@@ -77,6 +77,11 @@ class TreePolicy:
         rate = 0.5 if self._rounds <= 5 else 0.2
         hit = (np.arange(1, depth + 1) <= accepted).astype(float)
         self._reach[1 : depth + 1] += rate * (hit - self._reach[1 : depth + 1])
+        # depths beyond this tree were not seen: assume they keep the last level's survival rate
+        # (so a fully accepted tree makes deeper ones worth trying)
+        survive = self._reach[depth] / max(self._reach[depth - 1], 1e-9) if depth >= 1 else 1.0
+        beyond = self._reach[depth] * survive ** np.arange(1, self.max_depth - depth + 1)
+        self._reach[depth + 1 :] = np.maximum(self._reach[depth + 1 :], beyond)
         self._reach[1:] = np.minimum.accumulate(self._reach[1:])  # P(length >= d) falls with d
         self._best = None
         per_depth = draft_ms / max(depth, 1)

@@ -113,6 +113,7 @@ def test_eos_inside_an_accepted_path_and_max_token_cuts(base):
     assert ref.finish_reason == "stop" and len(ref.tokens) > 3
     prompt = base.chat_prompt_tokens(chat)
     eos = base.target.facts.eos_token_id
+    base.engine.adaptive = False  # the full tree every round
     for eot in {eos, int(base.target.tokenize("<|im_end|>", add_special=False, parse_special=True)[0])}:
         base.engine.drafter = OracleDrafter(len(prompt), ref.tokens + [eot])
         base.engine._hidden = np.zeros((base.target.n_ctx, base.target.n_embd), np.float32)
@@ -125,7 +126,7 @@ def test_eos_inside_an_accepted_path_and_max_token_cuts(base):
                 r = base.generate_tokens(prompt, max_tokens=cut)
                 assert r.tokens == ref.tokens[:cut] and r.finish_reason == "length"
         finally:
-            base.engine.drafter, base.engine._hidden = None, None
+            base.engine.drafter, base.engine._hidden, base.engine.adaptive = None, None, True
 
 
 def test_stream_equals_final_text_with_multibyte_characters(untrained):
@@ -253,6 +254,7 @@ def test_sampling_keeps_the_target_distribution(base):
     t.reset()
 
     def draws(temperature: float, n: int) -> dict:
+        base.engine.adaptive = False
         base.engine.drafter = TopDrafter(children)
         base.engine._hidden = np.zeros((t.n_ctx, t.n_embd), np.float32)
         counts: dict = {}
@@ -263,7 +265,7 @@ def test_sampling_keeps_the_target_distribution(base):
                 key = tuple(r.tokens)
                 counts[key] = counts.get(key, 0) + 1
         finally:
-            base.engine.drafter, base.engine._hidden = None, None
+            base.engine.drafter, base.engine._hidden, base.engine.adaptive = None, None, True
         return counts
 
     def chi2(counts: dict, n: int) -> float:

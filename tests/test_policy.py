@@ -49,3 +49,11 @@ def test_steep_costs_prefer_small_trees():
         p.observe(depth=7, accepted=3, draft_ms=3.5)
     depth, tokens = p.choose()
     assert tokens <= 8  # big trees cost more than their extra acceptance brings
+
+
+def test_a_fully_accepted_tree_makes_deeper_trees_worth_trying():
+    p = policy(FLAT, draft_ms=0.5)
+    for _ in range(10):
+        p.observe(depth=1, accepted=1, draft_ms=0.5)
+    assert p._reach[2] > 0.9  # unseen depths inherit the observed survival rate
+    assert p.choose()[0] > 1
