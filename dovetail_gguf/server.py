@@ -146,49 +146,42 @@ def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, defaul
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "local"}]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat(req: ChatRequest) -> Any:
-        msgs = [m.model_dump() for m in req.messages]
-        tokens = await run_in_threadpool(dt.chat_prompt_tokens, msgs)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    async def respond(req: _Sampling, tokens, prefix: str, kind: str, chunk_kind: str, choice) -> Any:
+        """Run one request; ``choice(text, finish_reason, first, streaming)`` shapes its one choice."""
+        cid, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+        def body(obj: str, one_choice: dict, result=None) -> dict:
+            out = {"id": cid, "object": obj, "created": created, "model": model_name, "choices": [one_choice]}
+            if result is not None:
+                out["usage"], out["dovetail"] = usage(result), extension(result)
+            return out
+
         if req.stream:
             stream = dt.stream_tokens(tokens, **options(req))
-
-            def chunk(piece, reason, first, result=None):
-                delta = {"content": piece} if piece or reason is None else {}
-                if first:
-                    delta["role"] = "assistant"
-                body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-                if result is not None:
-                    body["usage"], body["dovetail"] = usage(result), extension(result)
-                return body
-
-            return sse(stream, chunk)
+            return sse(stream, lambda piece, reason, first, result=None:
+                       body(chunk_kind, choice(piece, reason, first, True), result))
         result = await run_in_threadpool(lambda: dt.generate_tokens(tokens, **options(req)))
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": finish(result)}],
-                "usage": usage(result), "dovetail": extension(result)}
+        return body(kind, choice(result.text, finish(result), True, False), result)
+
+    def chat_choice(text: str, reason: str | None, first: bool, streaming: bool) -> dict:
+        if not streaming:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        delta = {"content": text} if text or reason is None else {}
+        if first:
+            delta["role"] = "assistant"
+        return {"index": 0, "delta": delta, "finish_reason": reason}
+
+    def completion_choice(text: str, reason: str | None, first: bool, streaming: bool) -> dict:
+        return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat(req: ChatRequest) -> Any:
+        tokens = await run_in_threadpool(dt.chat_prompt_tokens, [m.model_dump() for m in req.messages])
+        return await respond(req, tokens, "chatcmpl", "chat.completion", "chat.completion.chunk", chat_choice)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(req: CompletionRequest) -> Any:
         tokens = await run_in_threadpool(dt.tokenize_prompt, req.prompt)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            stream = dt.stream_tokens(tokens, **options(req))
-
-            def chunk(piece, reason, first, result=None):
-                body = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                        "choices": [{"index": 0, "text": piece, "finish_reason": reason, "logprobs": None}]}
-                if result is not None:
-                    body["usage"], body["dovetail"] = usage(result), extension(result)
-                return body
-
-            return sse(stream, chunk)
-        result = await run_in_threadpool(lambda: dt.generate_tokens(tokens, **options(req)))
-        return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": result.text, "finish_reason": finish(result), "logprobs": None}],
-                "usage": usage(result), "dovetail": extension(result)}
+        return await respond(req, tokens, "cmpl", "text_completion", "text_completion", completion_choice)
 
     return app
