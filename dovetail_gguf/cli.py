@@ -10,6 +10,9 @@ from pathlib import Path
 import click
 
 from .errors import DovetailError
+from .train.config import TrainConfig
+
+TRAIN_DEFAULTS = TrainConfig()
 
 log = logging.getLogger("dovetail_gguf")
 
@@ -269,24 +272,35 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the trained draft.")
 @click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF (default: the default target).")
 @click.option("--init", "init_from", type=click.Path(file_okay=False), default=None, help="Start from this draft instead of a fresh one.")
-@click.option("--layers", type=click.IntRange(1, 64), default=3, show_default=True)
+@click.option("--layers", type=click.IntRange(1, 64), default=TRAIN_DEFAULTS.n_layer, show_default=True, help="Decoder layers.")
 @click.option("--fusion", type=click.Choice(["dgf", "fc"]), default="dgf", show_default=True)
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=8192, show_default=True, help="Reduced vocabulary (0: the target's full one).")
-@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=4), default=384, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.steps, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.batch_size, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=4), default=TRAIN_DEFAULTS.seq_len, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TRAIN_DEFAULTS.lr, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.warmup, show_default=True, help="Warm-up steps.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=TRAIN_DEFAULTS.weight_decay, show_default=True)
+@click.option("--unroll", type=click.IntRange(1, 8), default=TRAIN_DEFAULTS.unroll, show_default=True,
+              help="Passes per step, each on the draft's own previous predictions (training-time test); 1 = teacher forcing only.")
+@click.option("--tau-prompts", type=click.IntRange(min=0), default=TRAIN_DEFAULTS.tau_prompts, show_default=True,
+              help="Held-out prompts on which to measure τ through the engine at the end (0: skip).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_draft_cmd(data_dir, output, target, init_from, layers, fusion, draft_vocab, steps, batch_size, seq_len, lr, seed) -> None:
+def train_draft_cmd(data_dir, output, target, init_from, layers, fusion, draft_vocab, steps, batch_size, seq_len, lr,
+                    warmup, weight_decay, unroll, tau_prompts, seed) -> None:
     """Train a draft on DATA_DIR (from `dovetail data generate`); resumes from its checkpoint."""
     from .models import default_target_path
-    from .train.trainer import TrainConfig, train_draft
+    from .train.trainer import train_draft
 
-    cfg = TrainConfig(n_layer=layers, fusion=fusion, draft_vocab=draft_vocab or None, steps=steps,
-                      batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
+    cfg = TrainConfig(n_layer=layers, fusion=fusion, draft_vocab=draft_vocab or None, steps=steps, batch_size=batch_size,
+                      seq_len=seq_len, lr=lr, warmup=warmup, weight_decay=weight_decay, unroll=unroll,
+                      tau_prompts=tau_prompts, seed=seed)
     report = train_draft(target or default_target_path(), data_dir, output, cfg, init_from=init_from)
     last = report["history"][-1]["heldout"] if report["history"] else {}
-    click.echo(f"wrote {output}: held-out loss {last.get('loss', float('nan')):.4f}, token accuracy {last.get('acc', float('nan')):.3f}")
+    line = f"wrote {output}: held-out loss {last.get('loss', float('nan')):.4f}, token accuracy {last.get('acc', float('nan')):.3f}"
+    if "heldout_tau" in report:
+        line += f", τ {report['heldout_tau']['tau']:.2f} on {report['heldout_tau']['n_prompts']} held-out prompts"
+    click.echo(line)
 
 
 # ---------------------------------------------------------------------- bench

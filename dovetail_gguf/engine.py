@@ -141,13 +141,21 @@ class Engine:
         """``adaptive``: size each tree from measured costs and acceptance, falling back to plain
         decoding when speculation does not pay (see policy.py); else always draft ``tree``."""
         self.target = target
-        self.drafter = drafter
         self.tree = tree or TreeConfig()
-        self.adaptive = adaptive
-        self.policy: TreePolicy | None = None
         self.tree.validate(target.max_tree_nodes)
+        self.set_drafter(drafter, adaptive)
+
+    def set_drafter(self, drafter: Drafter | None, adaptive: bool | None = None) -> None:
+        """Use ``drafter`` from the next generation on (None: plain decoding); ``adaptive`` as in the constructor.
+
+        The new drafter holds no context yet: the next prompt is evaluated again from its start.
+        """
+        self.drafter = drafter
+        if adaptive is not None:
+            self.adaptive = adaptive
+        self.policy: TreePolicy | None = None
         # target hidden state of every committed position, so a drafter can resume after prefix reuse
-        self._hidden = np.zeros((target.n_ctx, target.n_embd), dtype=np.float32) if drafter else None
+        self._hidden = np.zeros((self.target.n_ctx, self.target.n_embd), dtype=np.float32) if drafter else None
         self._device_stats = getattr(drafter, "peak_memory_bytes", None)
 
     def check_prompt(self, prompt_tokens) -> np.ndarray:
@@ -304,7 +312,8 @@ class Engine:
             choice = self.policy.choose()
             if choice is None:
                 return None
-            tree = TreeConfig(tokens=choice[1], depth=choice[0], topk=self.tree.topk)
+            # a tree of n nodes never needs more than n candidates per level: same tree, less drafting
+            tree = TreeConfig(tokens=choice[1], depth=choice[0], topk=min(self.tree.topk, choice[1]))
         return self._fit_tree(tree, room, free_cells)
 
     @staticmethod

@@ -87,6 +87,48 @@ def test_cache_trimming_equals_recomputing(draft_model):
     np.testing.assert_array_equal(a.propose(f2, t2, tree).tokens, one_pass.tokens)
 
 
+@pytest.mark.parametrize("tokens,depth", [(1, 1), (2, 2), (3, 3), (5, 4), (6, 2)])
+def test_small_trees_need_only_as_many_candidates_as_nodes(draft_model, tokens, depth):
+    """The engine drafts small trees with topk = tokens: the tree must be the one topk = 10 gives."""
+    f, t = pairs(7, draft_model.cfg.n_embd, 4)
+    wide = TreeDrafter(draft_model, 512, torch.device("cpu")).propose(f, t, TreeConfig(tokens, depth, 10))
+    narrow = TreeDrafter(draft_model, 512, torch.device("cpu")).propose(f, t, TreeConfig(tokens, depth, tokens))
+    np.testing.assert_array_equal(wide.tokens, narrow.tokens)
+    np.testing.assert_array_equal(wide.parents, narrow.parents)
+    np.testing.assert_allclose(wide.scores, narrow.scores, atol=1e-4)
+
+
+@torch.no_grad()
+def test_unrolled_pass_equals_a_drafted_chain(draft_model):
+    """Training-time test: row i of pass j is what inference computes for a depth-(j+1) node.
+
+    Inference: commit the teacher pairs up to i - j, then feed each predicted
+    feature back as the next node of a chain, attending to the committed rows
+    and the chain so far.
+    """
+    from dovetail_gguf.draft.model import DraftKVCache
+
+    m = draft_model.eval()
+    n, steps = 12, 4
+    f, t = pairs(n, m.cfg.n_embd, 3)
+    feats, toks = torch.from_numpy(f)[None], torch.from_numpy(t.astype(np.int64))[None]
+    pos = torch.arange(1, n + 1)[None]
+    outs = m.unroll(feats, toks, pos, steps)
+    for j in range(steps):
+        for i in range(j, n):
+            c = i - j + 1  # committed teacher rows
+            cache = DraftKVCache(m.cfg, 64, "cpu", torch.float32)
+            rows = torch.arange(c)
+            cache.set_used(c)
+            out = m(feats[:, :c], toks[:, :c], pos[:, :c], rows[None, :] <= rows[:, None], cache, rows)[0, -1]
+            for s in range(1, j + 1):
+                r = c + s - 1  # this chain node's slot and pair index
+                cache.set_used(r + 1)
+                mask = torch.ones(1, r + 1, dtype=torch.bool)
+                out = m(out[None, None], toks[:, r : r + 1], pos[:, r : r + 1], mask, cache, torch.tensor([r]))[0, -1]
+            torch.testing.assert_close(outs[j][0, i], out, atol=2e-5, rtol=1e-4)
+
+
 def test_save_load_round_trip(tmp_path, draft_model, smollm2_path):
     out = save_draft(draft_model, tmp_path / "draft")
     loaded = load_draft(out, smollm2_path)

@@ -113,20 +113,18 @@ def test_eos_inside_an_accepted_path_and_max_token_cuts(base):
     assert ref.finish_reason == "stop" and len(ref.tokens) > 3
     prompt = base.chat_prompt_tokens(chat)
     eos = base.target.facts.eos_token_id
-    base.engine.adaptive = False  # the full tree every round
     for eot in {eos, int(base.target.tokenize("<|im_end|>", add_special=False, parse_special=True)[0])}:
-        base.engine.drafter = OracleDrafter(len(prompt), ref.tokens + [eot])
-        base.engine._hidden = np.zeros((base.target.n_ctx, base.target.n_embd), np.float32)
+        base.engine.set_drafter(OracleDrafter(len(prompt), ref.tokens + [eot]), adaptive=False)  # the full tree every round
         try:
             full = base.generate_tokens(prompt, max_tokens=200)
             assert full.tokens == ref.tokens and full.finish_reason == "stop"
             assert full.stats.mean_accepted_tokens > 2  # long accepted paths, EOS inside the last one
             for cut in (1, 2, 5, len(ref.tokens) - 1):
-                base.engine.drafter = OracleDrafter(len(prompt), ref.tokens + [eot])
+                base.engine.set_drafter(OracleDrafter(len(prompt), ref.tokens + [eot]))
                 r = base.generate_tokens(prompt, max_tokens=cut)
                 assert r.tokens == ref.tokens[:cut] and r.finish_reason == "length"
         finally:
-            base.engine.drafter, base.engine._hidden, base.engine.adaptive = None, None, True
+            base.engine.set_drafter(None, adaptive=True)
 
 
 def test_stream_equals_final_text_with_multibyte_characters(untrained):
@@ -254,9 +252,7 @@ def test_sampling_keeps_the_target_distribution(base):
     t.reset()
 
     def draws(temperature: float, n: int) -> dict:
-        base.engine.adaptive = False
-        base.engine.drafter = TopDrafter(children)
-        base.engine._hidden = np.zeros((t.n_ctx, t.n_embd), np.float32)
+        base.engine.set_drafter(TopDrafter(children), adaptive=False)
         counts: dict = {}
         try:
             for seed in range(n):
@@ -265,7 +261,7 @@ def test_sampling_keeps_the_target_distribution(base):
                 key = tuple(r.tokens)
                 counts[key] = counts.get(key, 0) + 1
         finally:
-            base.engine.drafter, base.engine._hidden, base.engine.adaptive = None, None, True
+            base.engine.set_drafter(None, adaptive=True)
         return counts
 
     def chi2(counts: dict, n: int) -> float:

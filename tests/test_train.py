@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from dovetail_gguf.engine import TreeConfig
 from dovetail_gguf.errors import DovetailError, InvalidArgumentError
 from dovetail_gguf.target import Target, TargetConfig
 from dovetail_gguf.train import data as data_mod
@@ -104,12 +105,19 @@ def test_bad_prompt_files(tmp_path, small_data, smollm2_path, gemma_path):
 @pytest.mark.slow
 def test_training_lowers_heldout_loss_and_beats_an_untrained_draft(small_data, tmp_path, smollm2_path):
     out, _ = small_data
-    cfg = TrainConfig(n_layer=1, draft_vocab=2048, steps=300, batch_size=4, seq_len=96, lr=1e-3, warmup=20,
-                      heldout_fraction=0.25, eval_every=150, checkpoint_every=100)
-    untrained = train_draft(smollm2_path, out, tmp_path / "d0", TrainConfig(**{**cfg.__dict__, "steps": 1, "eval_every": 1}), progress=False)
+    cfg = TrainConfig(n_layer=1, draft_vocab=2048, steps=300, batch_size=4, seq_len=96, lr=1e-3, warmup=20, unroll=2,
+                      heldout_fraction=0.25, eval_every=150, checkpoint_every=100, tau_prompts=2, tau_max_tokens=24)
+    untrained = train_draft(smollm2_path, out, tmp_path / "d0", TrainConfig(**{**cfg.__dict__, "steps": 1, "eval_every": 1, "tau_prompts": 0}), progress=False)
     report = train_draft(smollm2_path, out, tmp_path / "d1", cfg, progress=False)
     first = untrained["history"][-1]["heldout"]
     last = report["history"][-1]["heldout"]
     assert last["loss"] < first["loss"]
     assert last["acc"] > first["acc"]
+    assert last["acc@1"] > first["acc@1"]  # the pass on its own predictions learns too
     assert (tmp_path / "d1" / "model.safetensors").is_file() and not (tmp_path / "d1.checkpoint").exists()
+    # τ through the real engine on the two held-out prompts, saved with the report
+    tau = json.loads((tmp_path / "d1" / "training_report.json").read_text())["heldout_tau"]
+    assert tau["n_prompts"] == 2 and tau["rounds"] > 0
+    assert tau["tau"] == pytest.approx(tau["accepted_tokens"] / tau["rounds"])
+    assert 1.0 <= tau["tau"] <= TreeConfig().depth + 1
+    assert tau["accepted_tokens"] >= tau["rounds"]

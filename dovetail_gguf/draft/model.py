@@ -192,6 +192,36 @@ class DraftKVCache:
         self.set_used(n)
 
 
+class UnrollCache:
+    """Keys and values of every unrolled step so far, for training (gradients flow through them)."""
+
+    class Layer:
+        def __init__(self):
+            self.k: list[torch.Tensor] = []
+            self.v: list[torch.Tensor] = []
+
+        def write(self, slots, k: torch.Tensor, v: torch.Tensor):
+            self.k.append(k)
+            self.v.append(v)
+            return torch.cat(self.k, dim=1), torch.cat(self.v, dim=1)
+
+    def __init__(self, n_layer: int):
+        self.layers = [UnrollCache.Layer() for _ in range(n_layer)]
+
+
+def unroll_mask(t: int, step: int, device=None) -> torch.Tensor:
+    """Attention of unrolled step ``step`` over the keys of steps 0..step, [t, (step + 1) * t].
+
+    Row i of step j stands for a tree node at depth j + 1 below the pair at
+    i - j: it sees the teacher-forced rows (step 0) up to i - j, then one row
+    per step along its own ancestry (step s at i - j + s), itself last.
+    """
+    q = torch.arange(t, device=device)[:, None]
+    k = torch.arange(t, device=device)[None, :]
+    blocks = [k <= q - step] + [k == q - step + s for s in range(1, step + 1)]
+    return torch.cat(blocks, dim=1)
+
+
 class DraftModel(nn.Module):
     """DGF (or fc) fusion + LLaMA decoder layers, reading the target's frozen embedding and head."""
 
@@ -236,7 +266,7 @@ class DraftModel(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None = None,
-        cache: DraftKVCache | None = None,
+        cache: "DraftKVCache | UnrollCache | None" = None,
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predicted features [b, t, d] for input pairs (features [b, t, d], tokens [b, t]).
@@ -254,6 +284,24 @@ class DraftModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_mask, None if cache is None else cache.layers[i], slots)
         return x
+
+    def unroll(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """Training-time test: ``steps`` passes, each fed the previous pass's predictions.
+
+        Pass 0 is the teacher-forced forward. Pass j feeds the features pass
+        j - 1 predicted (shifted one position) and attends the way a depth
+        j + 1 tree node does at inference (see :func:`unroll_mask`), so the
+        draft learns from its own errors. Row i of pass j is meaningful for
+        i >= j only. Returns one [b, t, d] prediction per pass.
+        """
+        t = tokens.shape[1]
+        cache = UnrollCache(self.cfg.n_layer)
+        outs = []
+        feats = features
+        for j in range(steps):
+            outs.append(self.forward(feats, tokens, positions, unroll_mask(t, j, tokens.device), cache))
+            feats = torch.cat([features[:, :1], outs[-1][:, :-1]], dim=1)
+        return outs
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits of predicted features."""

@@ -6,7 +6,9 @@ feature at t and its next-token distribution. Loss:
     SmoothL1(predicted feature, target feature) + 0.1 * CE(draft logits, target distribution)
 
 with uniform feature noise on the inputs, AdamW with warm-up and linear decay,
-and gradient clipping. ``accelerate`` places the work: bf16 autocast on a GPU,
+and gradient clipping. With ``unroll`` > 1 the draft is also run on its own
+predictions (a training-time test, as in EAGLE-3), the way deeper tree nodes
+see it at inference; pass j's loss is weighted 0.8^j. ``accelerate`` places the work: bf16 autocast on a GPU,
 plain fp32 on the CPU, DDP across GPUs when launched with ``accelerate launch``.
 """
 
@@ -16,7 +18,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,35 +29,10 @@ from ..errors import InvalidArgumentError
 from ..gguf_io import read_facts, read_token_matrices
 from ..draft.io import check_pairing, config_for_target, load_draft, save_draft
 from ..draft.model import DraftModel
+from .config import TrainConfig
 from .data import load_shards
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    n_layer: int = 3
-    fusion: str = "dgf"
-    draft_vocab: int | None = 8192  # None: the full target vocabulary
-    steps: int = 2000
-    batch_size: int = 8  # sequences per step
-    seq_len: int = 384  # tokens per training window
-    lr: float = 5e-4
-    warmup: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 0.5
-    ce_weight: float = 0.1
-    noise: float = 0.2  # uniform feature noise in [-noise/2, noise/2]
-    heldout_fraction: float = 0.05
-    eval_every: int = 250
-    checkpoint_every: int = 250
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 4:
-            raise InvalidArgumentError("steps, batch_size >= 1 and seq_len >= 4 are needed")
-        if not 0 < self.heldout_fraction < 0.5:
-            raise InvalidArgumentError("heldout_fraction must be in (0, 0.5)")
 
 
 def token_frequencies(seqs, n_vocab: int) -> np.ndarray:
@@ -115,21 +92,33 @@ class Windows:
 
 
 def loss_and_metrics(model: DraftModel, batch: dict, cfg: TrainConfig, noise: bool):
+    """Weighted loss over the unrolled passes; metrics per pass (``acc`` is pass 0's, ``acc@j`` pass j's)."""
     x = batch["feat_in"]
     if noise and cfg.noise > 0:
         x = x + (torch.rand_like(x) - 0.5) * cfg.noise
-    pred = model(x, batch["tok"], batch["pos"])
-    m = batch["mask"]
+    preds = model.unroll(x, batch["tok"], batch["pos"], cfg.unroll)
     target = batch["feat_out"]
-    feat_loss = F.smooth_l1_loss(pred[m].float(), target[m].float())
-    with torch.no_grad():
-        target_logits = model.logits(target[m])
-        target_p = torch.softmax(target_logits.float(), -1)
-    draft_logp = torch.log_softmax(model.logits(pred[m]).float(), -1)
-    ce = -(target_p * draft_logp).sum(-1).mean()
-    loss = feat_loss + cfg.ce_weight * ce
-    acc = (draft_logp.argmax(-1) == target_logits.argmax(-1)).float().mean()
-    return loss, {"loss": loss.item(), "feat": feat_loss.item(), "ce": ce.item(), "acc": acc.item()}
+    loss, metrics, total_w = 0.0, {}, 0.0
+    for j, pred in enumerate(preds):
+        m = batch["mask"].clone()
+        m[:, :j] = False  # rows before j have no pass-(j-1) prediction to start from
+        feat_loss = F.smooth_l1_loss(pred[m].float(), target[m].float())
+        with torch.no_grad():
+            target_logits = model.logits(target[m])
+            target_p = torch.softmax(target_logits.float(), -1)
+        draft_logp = torch.log_softmax(model.logits(pred[m]).float(), -1)
+        ce = -(target_p * draft_logp).sum(-1).mean()
+        w = 0.8**j
+        loss = loss + w * (feat_loss + cfg.ce_weight * ce)
+        total_w += w
+        acc = (draft_logp.argmax(-1) == target_logits.argmax(-1)).float().mean().item()
+        if j == 0:
+            metrics.update(feat=feat_loss.item(), ce=ce.item(), acc=acc)
+        else:
+            metrics[f"acc@{j}"] = acc
+    loss = loss / total_w
+    metrics["loss"] = loss.item()
+    return loss, metrics
 
 
 @torch.no_grad()
@@ -146,9 +135,25 @@ def evaluate(model: DraftModel, windows: Windows, cfg: TrainConfig, device) -> d
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
+def split_heldout(seqs, cfg: TrainConfig) -> tuple[list, list]:
+    """(held-out, training) sequences: a seeded random ``heldout_fraction`` of them, at least one."""
+    order = np.random.default_rng(cfg.seed).permutation(len(seqs))
+    n_held = max(1, int(len(seqs) * cfg.heldout_fraction))
+    return [seqs[i] for i in order[:n_held]], [seqs[i] for i in order[n_held:]]
+
+
+def heldout_prompts(held, n: int) -> list[np.ndarray]:
+    """Prompt tokens of up to ``n`` held-out sequences that have an answer to compare against."""
+    return [toks[:plen] for toks, _hid, plen in held if plen < len(toks)][:n]
+
+
 def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, init_from=None,
                 resume: bool = True, progress: bool = True) -> dict:
-    """Train a draft for ``target_path`` on ``data_dir``; writes the draft to ``out_dir``. Returns a report."""
+    """Train a draft for ``target_path`` on ``data_dir``; writes the draft to ``out_dir``. Returns a report.
+
+    The report ends with τ measured through the real engine (greedy, default
+    tree) on ``cfg.tau_prompts`` held-out prompts.
+    """
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -160,11 +165,8 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
         raise InvalidArgumentError(f"{data_dir} was generated by '{manifest['target']['name']}', not '{facts.name}'")
     if len(seqs) < 4:
         raise InvalidArgumentError(f"{data_dir} holds only {len(seqs)} sequences; generate more data")
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(seqs))
-    n_held = max(1, int(len(seqs) * cfg.heldout_fraction))
-    held = [seqs[i] for i in order[:n_held]]
-    train = [seqs[i] for i in order[n_held:]]
+    held, train = split_heldout(seqs, cfg)
+    rng = np.random.default_rng([cfg.seed, 0])  # batch draws; a resumed run reseeds with its step
     out = Path(out_dir)
     ckpt_dir = out.with_name(out.name + ".checkpoint")
 
@@ -234,6 +236,11 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model).to("cpu", torch.float32)
         save_draft(final, out, overwrite=True, extra={"training": {k: report[k] for k in ("n_sequences", "n_train_tokens", "train_seconds")}})
+        if cfg.tau_prompts > 0:
+            from .evaluate import measure_tau
+
+            report["heldout_tau"] = measure_tau(target_path, out, heldout_prompts(held, cfg.tau_prompts),
+                                                max_tokens=cfg.tau_max_tokens, progress=progress)
         (out / "training_report.json").write_text(json.dumps(report, indent=1))
         if ckpt_dir.exists():
             import shutil

@@ -1,0 +1,38 @@
+"""Settings of a draft training run (no heavy imports: the CLI reads the defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InvalidArgumentError
+
+
+@dataclass
+class TrainConfig:
+    n_layer: int = 3
+    fusion: str = "dgf"
+    draft_vocab: int | None = 8192  # None: the full target vocabulary
+    steps: int = 2000
+    batch_size: int = 8  # sequences per step
+    seq_len: int = 256  # tokens per training window
+    lr: float = 1e-3
+    warmup: int = 60
+    weight_decay: float = 0.01
+    grad_clip: float = 0.5
+    ce_weight: float = 0.1
+    noise: float = 0.2  # uniform feature noise in [-noise/2, noise/2]
+    unroll: int = 2  # passes on the draft's own predictions (1: teacher forcing only)
+    heldout_fraction: float = 0.05
+    eval_every: int = 250
+    tau_prompts: int = 20  # held-out prompts for τ through the engine at the end (0: skip)
+    tau_max_tokens: int = 128
+    checkpoint_every: int = 250
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 4:
+            raise InvalidArgumentError("steps, batch_size >= 1 and seq_len >= 4 are needed")
+        if not 1 <= self.unroll <= 8:
+            raise InvalidArgumentError("unroll must be in 1..8")
+        if not 0 < self.heldout_fraction < 0.5:
+            raise InvalidArgumentError("heldout_fraction must be in (0, 0.5)")
