@@ -97,21 +97,24 @@ def loss_and_metrics(model: DraftModel, batch: dict, cfg: TrainConfig, noise: bo
     if noise and cfg.noise > 0:
         x = x + (torch.rand_like(x) - 0.5) * cfg.noise
     preds = model.unroll(x, batch["tok"], batch["pos"], cfg.unroll)
-    target = batch["feat_out"]
+    m = batch["mask"]
+    col = torch.nonzero(m)[:, 1]  # position in the window of every supervised row
+    target = batch["feat_out"][m]
+    with torch.no_grad():  # the target's distribution, once for all passes
+        target_logits = model.logits(target)
+        target_p = torch.softmax(target_logits.float(), -1)
+        target_top = target_logits.argmax(-1)
     loss, metrics, total_w = 0.0, {}, 0.0
     for j, pred in enumerate(preds):
-        m = batch["mask"].clone()
-        m[:, :j] = False  # rows before j have no pass-(j-1) prediction to start from
-        feat_loss = F.smooth_l1_loss(pred[m].float(), target[m].float())
-        with torch.no_grad():
-            target_logits = model.logits(target[m])
-            target_p = torch.softmax(target_logits.float(), -1)
-        draft_logp = torch.log_softmax(model.logits(pred[m]).float(), -1)
-        ce = -(target_p * draft_logp).sum(-1).mean()
+        keep = col >= j  # rows before j have no pass-(j-1) prediction to start from
+        pred_j = pred[m][keep]
+        feat_loss = F.smooth_l1_loss(pred_j.float(), target[keep].float())
+        draft_logp = torch.log_softmax(model.logits(pred_j).float(), -1)
+        ce = -(target_p[keep] * draft_logp).sum(-1).mean()
         w = 0.8**j
         loss = loss + w * (feat_loss + cfg.ce_weight * ce)
         total_w += w
-        acc = (draft_logp.argmax(-1) == target_logits.argmax(-1)).float().mean().item()
+        acc = (draft_logp.argmax(-1) == target_top[keep]).float().mean().item()
         if j == 0:
             metrics.update(feat=feat_loss.item(), ce=ce.item(), acc=acc)
         else:
