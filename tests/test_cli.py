@@ -54,6 +54,7 @@ def test_generate_no_draft_json_matches_plain_text():
         (["generate", "word " * 400, "--no-draft", "--ctx-size", "256"], "context holds 256"),
         (["generate", "1, 2, 3, 4, 5,", "--no-draft", "--ctx-size", "24", "--max-tokens", "100"], "context filled up"),
         (["info", "/nonexistent.gguf"], "not found"),
+        (["train-draft", "/nonexistent/data", "-o", "/nonexistent/draft"], "run `dovetail data generate` first"),
     ],
 )
 def test_bad_input_gets_one_line_and_nonzero_exit(args, message):

@@ -137,6 +137,14 @@ def test_save_load_round_trip(tmp_path, draft_model, smollm2_path):
     assert read_config(out).target["tokenizer_fingerprint"] == draft_model.cfg.target["tokenizer_fingerprint"]
     with pytest.raises(InvalidArgumentError, match="already exists"):
         save_draft(draft_model, out)
+    assert (out / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others, like the folder
+    # shipping in fp16: floats rounded once, integer buffers (d2t) untouched, half the size
+    half = save_draft(draft_model, tmp_path / "half", dtype=torch.float16)
+    loaded = load_draft(half, smollm2_path)
+    for k, v in draft_model.state_dict().items():
+        expected = v.half().to(v.dtype) if v.is_floating_point() else v
+        torch.testing.assert_close(loaded.state_dict()[k], expected, rtol=0, atol=0)
+    assert (half / "model.safetensors").stat().st_size < 0.55 * (out / "model.safetensors").stat().st_size
 
 
 def test_reduced_vocabulary_maps_to_target_ids(smollm2_path, tmp_path):

@@ -72,8 +72,12 @@ def check_pairing(cfg: DraftConfig, facts: ModelFacts, where: str) -> None:
             )
 
 
-def save_draft(model: DraftModel, out_dir: str | os.PathLike, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write the draft atomically: a temporary folder renamed into place at the end."""
+def save_draft(model: DraftModel, out_dir: str | os.PathLike, overwrite: bool = False, extra: dict | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write the draft atomically: a temporary folder renamed into place at the end.
+
+    ``dtype`` (e.g. ``torch.float16`` for shipping) converts the floating-point weights.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -82,8 +86,10 @@ def save_draft(model: DraftModel, out_dir: str | os.PathLike, overwrite: bool = 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+        (tmp / WEIGHTS_FILE).chmod(0o644)
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.cfg.to_dict(), **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         tmp.chmod(0o755)

@@ -29,7 +29,7 @@ def measure_tau(target_path: str | os.PathLike, draft_dir: str | os.PathLike, pr
     tree = tree or TreeConfig()
     per_prompt, tokens, rounds = [], 0, 0
     with Dovetail(target_path, draft_dir, device=device, tree=tree, target_config=cfg, adaptive=False) as dt:
-        for p in tqdm(prompts, desc="τ on held-out prompts", disable=not progress):
+        for p in tqdm(prompts, desc="measuring τ", disable=not progress):
             ids = dt.tokenize_prompt(p) if isinstance(p, str) else [int(t) for t in p]
             stats = dt.generate_tokens(ids, max_tokens=max_tokens).stats
             per_prompt.append(stats.mean_accepted_tokens)
