@@ -2,7 +2,10 @@
 """Cost of verifying k tree nodes in one llama_decode, relative to one token, and the
 Python-side overhead of a verify + commit round (everything but llama_decode itself).
 
-usage: python benchmarks/verify_cost.py [--target GGUF] [--threads 2] [--reps 30]
+usage: python benchmarks/verify_cost.py [--target GGUF] [--threads 2] [--reps 30] [--context N]
+
+--context N evaluates the trees after N committed tokens (random ids) instead of a short
+prompt: attention over the KV cache makes t(k)/t(1) grow with the context.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ def main() -> None:
     ap.add_argument("--target", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--context", type=int, default=0, help="committed tokens before the trees (0: a short prompt)")
     args = ap.parse_args()
     t = Target(args.target or default_target_path(), TargetConfig(n_ctx=2048, n_threads=args.threads))
     rng = np.random.default_rng(0)
     prompt = t.tokenize("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+    if args.context:
+        prompt = rng.integers(100, t.n_vocab, size=args.context).astype(np.int32)
     t.prefill(prompt)
     base = t.n_past
     decode_time = [0.0]
@@ -69,7 +75,7 @@ def main() -> None:
         r["ratio"] = r["decode_ms"] / one
         r["overhead_pct_of_one_decode"] = 100 * r["python_overhead_ms"] / one
         print(f"{k:>4}{r['decode_ms']:>12.2f}{r['ratio']:>11.2f}{r['python_overhead_ms']:>13.3f}{r['overhead_pct_of_one_decode']:>11.1f}%")
-    print(json.dumps({"threads": args.threads, "results": results}))
+    print(json.dumps({"threads": args.threads, "context": int(base), "results": results}))
 
 
 if __name__ == "__main__":
