@@ -8,8 +8,10 @@ feature at t and its next-token distribution. Loss:
 with uniform feature noise on the inputs, AdamW with warm-up and linear decay,
 and gradient clipping. With ``unroll`` > 1 the draft is also run on its own
 predictions (a training-time test, as in EAGLE-3), the way deeper tree nodes
-see it at inference; pass j's loss is weighted 0.8^j. ``accelerate`` places the work: bf16 autocast on a GPU,
-plain fp32 on the CPU, DDP across GPUs when launched with ``accelerate launch``.
+see it at inference; pass j's loss is weighted 0.8^j.
+
+``accelerate`` places the work: bf16 autocast on a GPU, plain fp32 on the CPU,
+DDP across GPUs when launched with ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def loss_and_metrics(model: DraftModel, batch: dict, cfg: TrainConfig, noise: bo
     loss, metrics, total_w = 0.0, {}, 0.0
     for j, pred in enumerate(preds):
         keep = col >= j  # rows before j have no pass-(j-1) prediction to start from
+        if not bool(keep.any()):  # windows too short for this pass
+            break
         pred_j = pred[m][keep]
         feat_loss = F.smooth_l1_loss(pred_j.float(), target[keep].float())
         draft_logp = torch.log_softmax(model.logits(pred_j).float(), -1)
