@@ -237,3 +237,25 @@ def test_decode_one_equals_a_one_node_tree(target):
     np.testing.assert_array_equal(res.hidden[0], h)
     target.commit([0])
     target.reset()
+
+
+@pytest.mark.parametrize("n_nodes", [2, 4, 8])
+def test_first_row_of_a_tree_equals_a_one_token_decode_below_256_cells(target, n_nodes):
+    """What greedy equality with plain decoding rests on: the root of a tree is computed exactly as a
+    one-token decode. It holds while the KV cache has fewer than 256 cells; past that, llama.cpp
+    0.3.36's attention takes another path for multi-row batches (README, "Known limitation")."""
+    target.reset()
+    prompt = target.tokenize(PROMPT * 8)
+    assert prompt.size > 60
+    for n_ctx in (20, 60, min(prompt.size, 200)):
+        target.reset()
+        target.prefill(prompt[:n_ctx])
+        root = int(prompt[n_ctx]) if n_ctx < prompt.size else 7
+        one, hid = target.decode_one(root)
+        one, hid = one.copy(), hid.copy()
+        target.truncate(n_ctx)
+        res = target.verify_tree(np.array([root] + [11] * (n_nodes - 1), dtype=np.int32), SHAPES["chain"][:n_nodes])
+        np.testing.assert_array_equal(res.logits[0], one)
+        np.testing.assert_array_equal(res.hidden[0], hid)
+        target.commit([0])
+    target.reset()
