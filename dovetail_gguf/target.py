@@ -457,8 +457,9 @@ class Target:
         self._decode()
         return self._outputs(n)
 
-    def _drop_paths(self, n_paths: int) -> None:
-        self._lib.llama_memory_seq_rm(self._mem, 0, self.n_past, -1)
+    def _drop_paths(self, n_paths: int, keep: int = 0) -> None:
+        """Free a verified tree's cells: sequence 0 from ``keep`` cells past the committed ones, the other paths whole."""
+        self._lib.llama_memory_seq_rm(self._mem, 0, self.n_past + keep, -1)
         for s in range(1, n_paths):
             self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
 
@@ -483,13 +484,10 @@ class Target:
         # as plain decoding leaves it (scattered cells change the attention's summation order).
         on_first = layout.seq_ids[path, 0] == 0
         k = int(np.argmin(np.append((path == np.arange(path.size)) & on_first, False)))
-        self._lib.llama_memory_seq_rm(self._mem, 0, lo + k, -1)
-        for s in range(1, layout.n_paths):
-            self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
+        self._drop_paths(layout.n_paths, keep=k)
         self._pending = None
         if k < path.size:
             self._batch.set_chain(layout.tokens[path[k:]], lo + k)
             self._decode()
         self._history[lo:hi] = layout.tokens[path]
         self.n_past = hi
-        self._pending = None
