@@ -185,7 +185,7 @@ def format_table(summary: dict) -> str:
     head = f"{'system':<15}{'tok/s':>9}{'speedup':>9}{'tau':>7}{'draft s':>9}{'verify s':>10}{'other s':>9}  identical"
     lines = [head, "-" * len(head)]
     for system, s in summary.items():
-        fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec[0] + spec[1:].split(".")[0])  # noqa: E731
+        fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])  # noqa: E731
         lines.append(f"{system:<15}{s['tokens_per_second']:>9.1f}{fmt(s['speedup_median'], '>9.2f')}{fmt(s['tau'], '>7.2f')}"
                      f"{s['draft_seconds']:>9.2f}{s['verify_seconds']:>10.2f}{fmt(s['other_seconds'], '>9.2f')}  "
                      f"{s['identical_to_plain']}")

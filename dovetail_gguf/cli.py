@@ -273,8 +273,9 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
 @click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF (default: the default target).")
 @click.option("--init", "init_from", type=click.Path(file_okay=False), default=None, help="Start from this draft instead of a fresh one.")
 @click.option("--layers", type=click.IntRange(1, 64), default=TRAIN_DEFAULTS.n_layer, show_default=True, help="Decoder layers.")
-@click.option("--fusion", type=click.Choice(["dgf", "fc"]), default="dgf", show_default=True)
-@click.option("--draft-vocab", type=click.IntRange(min=0), default=8192, show_default=True, help="Reduced vocabulary (0: the target's full one).")
+@click.option("--fusion", type=click.Choice(["dgf", "fc"]), default=TRAIN_DEFAULTS.fusion, show_default=True)
+@click.option("--draft-vocab", type=click.IntRange(min=0), default=TRAIN_DEFAULTS.draft_vocab or 0, show_default=True,
+              help="Reduced vocabulary (0: the target's full one).")
 @click.option("--steps", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.steps, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.batch_size, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=4), default=TRAIN_DEFAULTS.seq_len, show_default=True)
@@ -285,7 +286,7 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
               help="Passes per step, each on the draft's own previous predictions (training-time test); 1 = teacher forcing only.")
 @click.option("--tau-prompts", type=click.IntRange(min=0), default=TRAIN_DEFAULTS.tau_prompts, show_default=True,
               help="Held-out prompts on which to measure τ through the engine at the end (0: skip).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True)
 def train_draft_cmd(data_dir, output, target, init_from, layers, fusion, draft_vocab, steps, batch_size, seq_len, lr,
                     warmup, weight_decay, unroll, tau_prompts, seed) -> None:
     """Train a draft on DATA_DIR (from `dovetail data generate`); resumes from its checkpoint."""
