@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DovetailError
+from .errors import DovetailError, InvalidArgumentError
 from .train.config import TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()
@@ -238,12 +238,16 @@ def data() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="JSONL file to write.")
 @click.option("--code", "n_code", type=click.IntRange(min=0), default=1500, show_default=True, help="Completion prompts from the Python standard library.")
 @click.option("--chat", "n_chat", type=click.IntRange(min=0), default=500, show_default=True, help="Chat instructions from built-in templates.")
+@click.option("--doctest", "n_doctest", type=click.IntRange(min=0), default=0, show_default=True,
+              help="HumanEval-shaped prompts: functions whose docstring examples call them, from the standard library and installed packages.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def data_prompts(output, n_code, n_chat, seed) -> None:
+def data_prompts(output, n_code, n_chat, n_doctest, seed) -> None:
     """Write a prompt file from this machine's own text (no download, nothing from HumanEval)."""
     from .train.prompts import write_prompt_file
 
-    path = write_prompt_file(output, n_code, n_chat, seed)
+    if n_code + n_chat + n_doctest == 0:
+        raise InvalidArgumentError("asked for no prompts: give --code, --chat or --doctest a positive count")
+    path = write_prompt_file(output, n_code, n_chat, seed, n_doctest=n_doctest)
     click.echo(f"wrote {path}")
 
 

