@@ -272,7 +272,7 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
 
 
 @main.command("train-draft")
-@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.argument("data_dirs", metavar="DATA_DIR...", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the trained draft.")
 @click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF (default: the default target).")
 @click.option("--init", "init_from", type=click.Path(file_okay=False), default=None, help="Start from this draft instead of a fresh one.")
@@ -291,16 +291,16 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
 @click.option("--tau-prompts", type=click.IntRange(min=0), default=TRAIN_DEFAULTS.tau_prompts, show_default=True,
               help="Held-out prompts on which to measure τ through the engine at the end (0: skip).")
 @click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True)
-def train_draft_cmd(data_dir, output, target, init_from, layers, fusion, draft_vocab, steps, batch_size, seq_len, lr,
+def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_vocab, steps, batch_size, seq_len, lr,
                     warmup, weight_decay, unroll, tau_prompts, seed) -> None:
-    """Train a draft on DATA_DIR (from `dovetail data generate`); resumes from its checkpoint."""
+    """Train a draft on one or more DATA_DIR folders (from `dovetail data generate`); resumes from its checkpoint."""
     from .models import default_target_path
     from .train.trainer import train_draft
 
     cfg = TrainConfig(n_layer=layers, fusion=fusion, draft_vocab=draft_vocab or None, steps=steps, batch_size=batch_size,
                       seq_len=seq_len, lr=lr, warmup=warmup, weight_decay=weight_decay, unroll=unroll,
                       tau_prompts=tau_prompts, seed=seed)
-    report = train_draft(target or default_target_path(), data_dir, output, cfg, init_from=init_from)
+    report = train_draft(target or default_target_path(), data_dirs, output, cfg, init_from=init_from)
     last = report["history"][-1]["heldout"] if report["history"] else {}
     line = f"wrote {output}: held-out loss {last.get('loss', float('nan')):.4f}, token accuracy {last.get('acc', float('nan')):.3f}"
     if "heldout_tau" in report:

@@ -12,7 +12,7 @@ from dovetail_gguf.errors import DovetailError, InvalidArgumentError
 from dovetail_gguf.target import Target, TargetConfig
 from dovetail_gguf.train import data as data_mod
 from dovetail_gguf.train.data import DataConfig, generate_data, load_shards, read_prompts
-from dovetail_gguf.train.trainer import TrainConfig, train_draft
+from dovetail_gguf.train.trainer import TrainConfig, split_heldout, train_draft
 
 PROMPTS = [
     {"prompt": 'def add(a, b):\n    """Return the sum of a and b."""\n'},
@@ -121,3 +121,29 @@ def test_training_lowers_heldout_loss_and_beats_an_untrained_draft(small_data, t
     assert tau["tau"] == pytest.approx(tau["accepted_tokens"] / tau["rounds"])
     assert 1.0 <= tau["tau"] <= TreeConfig().depth + 1
     assert tau["accepted_tokens"] >= tau["rounds"]
+
+
+def test_heldout_split_follows_the_prompts_not_their_order():
+    rng = np.random.default_rng(0)
+    seqs = [(rng.integers(0, 1000, size=20).astype(np.int32), None, 8) for _ in range(200)]
+    cfg = TrainConfig(heldout_fraction=0.1)
+    held, train = split_heldout(seqs, cfg)
+    assert len(held) == 20 and len(train) == 180
+    ids = lambda part: sorted(s[0][:8].tobytes() for s in part)  # noqa: E731
+    shuffled = [seqs[i] for i in rng.permutation(len(seqs))]
+    assert ids(split_heldout(shuffled, cfg)[0]) == ids(held)
+    assert ids(split_heldout(seqs, TrainConfig(heldout_fraction=0.1, seed=1))[0]) != ids(held)
+    # only the prompt decides: a different answer to the same prompt stays on the same side
+    answered = [(np.concatenate([t[:8], rng.integers(0, 1000, size=5).astype(np.int32)]), None, 8) for t, _h, _p in seqs]
+    assert ids(split_heldout(answered, cfg)[0]) == ids(held)
+
+
+def test_training_reads_several_data_folders(small_data, tmp_path, smollm2_path):
+    out, _ = small_data
+    cfg = TrainConfig(n_layer=1, draft_vocab=256, steps=1, batch_size=2, seq_len=32, warmup=1, eval_every=1,
+                      heldout_fraction=0.25, tau_prompts=0)
+    report = train_draft(smollm2_path, [out, out], tmp_path / "d", cfg, progress=False)
+    assert report["n_sequences"] == 2 * len(PROMPTS)
+    assert report["data"] == [str(out), str(out)]
+    with pytest.raises(InvalidArgumentError, match="no data folder"):
+        train_draft(smollm2_path, [], tmp_path / "e", cfg, progress=False)
