@@ -243,7 +243,7 @@ def test_decode_one_equals_a_one_node_tree(target):
 def test_first_row_of_a_tree_equals_a_one_token_decode_below_256_cells(target, n_nodes):
     """What greedy equality with plain decoding rests on: the root of a tree is computed exactly as a
     one-token decode. It holds while the KV cache has fewer than 256 cells; past that, llama.cpp
-    0.3.36's attention takes another path for multi-row batches (README, "Known limitation")."""
+    0.3.36 splits a one-token decode's attention across threads (README, "Known limitation")."""
     target.reset()
     prompt = target.tokenize(PROMPT * 8)
     assert prompt.size > 60
@@ -259,3 +259,34 @@ def test_first_row_of_a_tree_equals_a_one_token_decode_below_256_cells(target, n
         np.testing.assert_array_equal(res.hidden[0], hid)
         target.commit([0])
     target.reset()
+
+
+def test_past_256_cells_a_tree_row_equals_a_single_thread_one_token_decode(target, smollm2_path):
+    """Pins the cause of the README's "Known limitation": past 256 KV cells a one-token decode on two
+    threads differs from one on one thread (llama.cpp splits its attention over the cache across
+    threads), while a tree's rows do not depend on the thread count and equal the one-thread decode."""
+    prompt = target.tokenize(PROMPT * 40)
+    n_ctx = 300
+    assert prompt.size > n_ctx
+    root = int(prompt[n_ctx])
+    nodes, parents = np.array([root, 11, 12], dtype=np.int32), SHAPES["chain"][:3]
+
+    def one_token_and_tree_row(t: Target) -> tuple[np.ndarray, np.ndarray]:
+        t.reset()
+        t.prefill(prompt[:n_ctx])
+        one = t.decode_one(root)[0].copy()
+        t.truncate(n_ctx)
+        row = t.verify_tree(nodes, parents).logits[0].copy()
+        t.commit([0])
+        t.reset()
+        return one, row
+
+    one_2, row_2 = one_token_and_tree_row(target)
+    single = Target(smollm2_path, TargetConfig(n_ctx=1024, n_threads=1))
+    try:
+        one_1, row_1 = one_token_and_tree_row(single)
+    finally:
+        single.close()
+    np.testing.assert_array_equal(row_1, row_2)  # tree rows: the same on 1 and 2 threads
+    np.testing.assert_array_equal(row_2, one_1)  # ... and equal to the one-thread one-token decode
+    assert np.abs(one_2 - one_1).max() > 0  # the two-thread one-token decode is the odd one out
