@@ -289,8 +289,9 @@ class Engine:
                 t.commit(acc.path)
                 stats.draft_seconds += tv - td
                 stats.verify_seconds += time.perf_counter() - tv
-                if self.policy is not None:
-                    self.policy.observe(tree.depth, acc.path.size - 1, 1000 * (tv - td))
+                if self.policy is not None:  # catching up on many plain steps is not a typical draft cost
+                    steady = pair_tokens.size <= self.policy.max_depth + 1
+                    self.policy.observe(tree.depth, acc.path.size - 1, 1000 * (tv - td) if steady else None)
                 pending = [*res.layout.tokens[acc.path[1:]].tolist(), acc.next_token]
                 stats.accepted_tokens += len(pending)
         finally:

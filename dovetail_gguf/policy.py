@@ -33,6 +33,7 @@ class TreePolicy:
     _reach: np.ndarray = field(default=None, repr=False)  # P(accepted length >= d), d = 0..max_depth
     _plain_steps: int = 0
     _rounds: int = 0
+    _draft_samples: int = 0
     _best: tuple[int, int] | None = None  # cached until the next observation
     _probe_gap: int = 0
 
@@ -71,8 +72,13 @@ class TreePolicy:
             return max(self.candidates(), key=lambda c: self.speed(*c))
         return None
 
-    def observe(self, depth: int, accepted: int, draft_ms: float) -> None:
-        """Update after a speculative round: tree depth, accepted draft tokens (bonus excluded)."""
+    def observe(self, depth: int, accepted: int, draft_ms: float | None) -> None:
+        """Update after a speculative round: tree depth, accepted draft tokens (bonus excluded).
+
+        ``draft_ms`` is None for a round whose drafting cost is not typical: one
+        that first caught the draft up on many positions decoded plainly (or
+        on the prompt), a one-time cost that steady speculation does not pay.
+        """
         self._rounds += 1
         rate = 0.5 if self._rounds <= 5 else 0.2
         hit = (np.arange(1, depth + 1) <= accepted).astype(float)
@@ -84,8 +90,11 @@ class TreePolicy:
         self._reach[depth + 1 :] = np.maximum(self._reach[depth + 1 :], beyond)
         self._reach[1:] = np.minimum.accumulate(self._reach[1:])  # P(length >= d) falls with d
         self._best = None
+        if draft_ms is None:
+            return
+        self._draft_samples += 1
         per_depth = draft_ms / max(depth, 1)
-        if self._rounds == 1:
+        if self._draft_samples == 1:
             self.draft_ms_per_depth = per_depth
         else:
-            self.draft_ms_per_depth += rate * (per_depth - self.draft_ms_per_depth)
+            self.draft_ms_per_depth += (0.5 if self._draft_samples <= 5 else 0.2) * (per_depth - self.draft_ms_per_depth)

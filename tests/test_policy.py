@@ -57,3 +57,13 @@ def test_a_fully_accepted_tree_makes_deeper_trees_worth_trying():
         p.observe(depth=1, accepted=1, draft_ms=0.5)
     assert p._reach[2] > 0.9  # unseen depths inherit the observed survival rate
     assert p.choose()[0] > 1
+
+
+def test_a_round_that_catches_the_draft_up_does_not_set_the_draft_cost():
+    p = policy(STEEP)
+    p.observe(depth=1, accepted=1, draft_ms=None)  # first probe: the draft also read the whole prompt
+    assert p.draft_ms_per_depth == 0.0 and p._reach[1] > 0.7  # acceptance still learned
+    p.observe(depth=1, accepted=1, draft_ms=2.0)
+    assert p.draft_ms_per_depth == 2.0  # the first typical round sets it
+    p.observe(depth=1, accepted=1, draft_ms=None)
+    assert p.draft_ms_per_depth == 2.0
