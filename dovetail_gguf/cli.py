@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DovetailError, InvalidArgumentError
+from .errors import DovetailError
 from .train.config import TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()
@@ -245,8 +245,6 @@ def data_prompts(output, n_code, n_chat, n_doctest, seed) -> None:
     """Write a prompt file from this machine's own text (no download, nothing from HumanEval)."""
     from .train.prompts import write_prompt_file
 
-    if n_code + n_chat + n_doctest == 0:
-        raise InvalidArgumentError("asked for no prompts: give --code, --chat or --doctest a positive count")
     path = write_prompt_file(output, n_code, n_chat, seed, n_doctest=n_doctest)
     click.echo(f"wrote {path}")
 

@@ -15,12 +15,15 @@ None of it comes from HumanEval, which is the evaluation set.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import random
 import re
 import sysconfig
 from pathlib import Path
+
+from ..errors import InvalidArgumentError
 
 TOPICS = [
     "photosynthesis", "the French Revolution", "black holes", "compound interest", "the water cycle",
@@ -58,8 +61,15 @@ DOCTEST_PACKAGES = ("numpy", "networkx", "sympy", "mpmath", "setuptools", "packa
 TYPING_NAMES = ("List", "Dict", "Tuple", "Optional", "Union", "Any", "Iterable", "Sequence", "Callable")
 
 
-def documented_functions(root: Path, min_doc: int, max_doc: int):
-    """Yield (signature, docstring) of the public, documented functions in the sources under ``root``."""
+def documented_functions(root: Path, min_doc: int, max_doc: int) -> list[tuple[str, str]]:
+    """(signature, docstring) of the public functions under ``root`` whose docstring length is in [min_doc, max_doc]."""
+    return [(sig, doc) for sig, doc in _public_functions(root) if min_doc <= len(doc) <= max_doc]
+
+
+@functools.lru_cache(maxsize=None)
+def _public_functions(root: Path) -> tuple[tuple[str, str], ...]:
+    """Every public, documented function in the sources under ``root``, parsed once per process."""
+    found = []
     for path in sorted(root.rglob("*.py")):
         if any(p in SKIPPED_DIRS for p in path.relative_to(root).parts):
             continue
@@ -71,23 +81,27 @@ def documented_functions(root: Path, min_doc: int, max_doc: int):
             if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
                 continue
             doc = ast.get_docstring(node)
-            if not doc or not min_doc <= len(doc) <= max_doc:
+            if not doc:
                 continue
             args = ast.unparse(node.args)
             for first in ("self", "cls"):
                 if args == first or args.startswith(first + ","):
                     args = args[len(first):].lstrip(", ")
             returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-            yield f"def {node.name}({args}){returns}:", doc
+            found.append((f"def {node.name}({args}){returns}:", doc))
+    return tuple(found)
+
+
+def completion_prompt(signature: str, doc: str, header: str = "", lead: str = "") -> str:
+    """A function's signature and docstring, indented, with the body left to the target."""
+    body = "\n    ".join(doc.splitlines())
+    return f'{header}{signature}\n    """{lead}{body}\n    """\n'
 
 
 def stdlib_function_prompts(limit: int, seed: int = 0, min_doc: int = 40) -> list[str]:
     """``def name(args):`` + docstring of documented stdlib functions, as completion prompts."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    found = []
-    for signature, doc in documented_functions(root, min_doc, 1200):
-        body = "\n    ".join(doc.splitlines())
-        found.append(f'{signature}\n    """{body}\n    """\n')
+    found = [completion_prompt(sig, doc) for sig, doc in documented_functions(root, min_doc, 1200)]
     random.Random(seed).shuffle(found)
     return found[:limit]
 
@@ -112,8 +126,7 @@ def doctest_function_prompts(limit: int, seed: int = 0, max_doc: int = 900,
                 continue
             used = sorted(n for n in TYPING_NAMES if re.search(rf"\b{n}\b", signature))
             header = f"from typing import {', '.join(used)}\n\n\n" if used else "\n\n"
-            body = "\n    ".join(doc.splitlines())
-            pool.append(f'{header}{signature}\n    """ {body}\n    """\n')
+            pool.append(completion_prompt(signature, doc, header, lead=" "))
         rng.shuffle(pool)
         pools.append(pool)
     out: list[str] = []
@@ -134,10 +147,12 @@ def chat_prompts() -> list[str]:
 def write_prompt_file(out: str | os.PathLike, n_code: int = 1500, n_chat: int = 500, seed: int = 0,
                       n_doctest: int = 0) -> Path:
     """A JSONL prompt file: stdlib completion prompts, doctest-shaped prompts and chat instructions, shuffled."""
+    if n_code + n_chat + n_doctest == 0:
+        raise InvalidArgumentError("asked for no prompts: give --code, --chat or --doctest a positive count")
     rng = random.Random(seed)
     chats = chat_prompts()
     rng.shuffle(chats)
-    rows = [{"prompt": p} for p in stdlib_function_prompts(n_code, seed)]
+    rows = [{"prompt": p} for p in stdlib_function_prompts(n_code, seed)] if n_code else []
     rows += [{"prompt": p} for p in doctest_function_prompts(n_doctest, seed)] if n_doctest else []
     rows += [{"conversations": [{"role": "user", "content": c}]} for c in chats[:n_chat]]
     rng.shuffle(rows)
