@@ -80,9 +80,8 @@ class TreePolicy:
         on the prompt), a one-time cost that steady speculation does not pay.
         """
         self._rounds += 1
-        rate = 0.5 if self._rounds <= 5 else 0.2
         hit = (np.arange(1, depth + 1) <= accepted).astype(float)
-        self._reach[1 : depth + 1] += rate * (hit - self._reach[1 : depth + 1])
+        self._reach[1 : depth + 1] += self._update_rate(self._rounds) * (hit - self._reach[1 : depth + 1])
         # depths beyond this tree were not seen: assume they keep the last level's survival rate
         # (so a fully accepted tree makes deeper ones worth trying)
         survive = self._reach[depth] / max(self._reach[depth - 1], 1e-9) if depth >= 1 else 1.0
@@ -93,8 +92,10 @@ class TreePolicy:
         if draft_ms is None:
             return
         self._draft_samples += 1
-        per_depth = draft_ms / max(depth, 1)
-        if self._draft_samples == 1:
-            self.draft_ms_per_depth = per_depth
-        else:
-            self.draft_ms_per_depth += (0.5 if self._draft_samples <= 5 else 0.2) * (per_depth - self.draft_ms_per_depth)
+        rate = 1.0 if self._draft_samples == 1 else self._update_rate(self._draft_samples)  # the first sample replaces the guess
+        self.draft_ms_per_depth += rate * (draft_ms / max(depth, 1) - self.draft_ms_per_depth)
+
+    @staticmethod
+    def _update_rate(n_samples: int) -> float:
+        """Weight of the newest of ``n_samples`` observations in a running estimate: fast at first, then steadier."""
+        return 0.5 if n_samples <= 5 else 0.2

@@ -239,26 +239,31 @@ def test_decode_one_equals_a_one_node_tree(target):
     target.reset()
 
 
+def one_token_decode_and_tree_root(t: Target, context: np.ndarray, root: int, n_nodes: int):
+    """(logits, hidden) of ``root`` decoded alone after ``context``, then of the same token as a chain's root."""
+    t.reset()
+    t.prefill(context)
+    one, hid = (a.copy() for a in t.decode_one(root))
+    t.truncate(context.size)
+    res = t.verify_tree(np.array([root] + [11] * (n_nodes - 1), dtype=np.int32), SHAPES["chain"][:n_nodes])
+    row, row_hid = res.logits[0].copy(), res.hidden[0].copy()
+    t.commit([0])
+    t.reset()
+    return one, hid, row, row_hid
+
+
 @pytest.mark.parametrize("n_nodes", [2, 4, 8])
 def test_first_row_of_a_tree_equals_a_one_token_decode_below_256_cells(target, n_nodes):
     """What greedy equality with plain decoding rests on: the root of a tree is computed exactly as a
     one-token decode. It holds while the KV cache has fewer than 256 cells; past that, llama.cpp
     0.3.36 splits a one-token decode's attention across threads (README, "Known limitation")."""
-    target.reset()
     prompt = target.tokenize(PROMPT * 8)
     assert prompt.size > 60
     for n_ctx in (20, 60, min(prompt.size, 200)):
-        target.reset()
-        target.prefill(prompt[:n_ctx])
         root = int(prompt[n_ctx]) if n_ctx < prompt.size else 7
-        one, hid = target.decode_one(root)
-        one, hid = one.copy(), hid.copy()
-        target.truncate(n_ctx)
-        res = target.verify_tree(np.array([root] + [11] * (n_nodes - 1), dtype=np.int32), SHAPES["chain"][:n_nodes])
-        np.testing.assert_array_equal(res.logits[0], one)
-        np.testing.assert_array_equal(res.hidden[0], hid)
-        target.commit([0])
-    target.reset()
+        one, hid, row, row_hid = one_token_decode_and_tree_root(target, prompt[:n_ctx], root, n_nodes)
+        np.testing.assert_array_equal(row, one)
+        np.testing.assert_array_equal(row_hid, hid)
 
 
 def test_past_256_cells_a_tree_row_equals_a_single_thread_one_token_decode(target, smollm2_path):
@@ -269,22 +274,10 @@ def test_past_256_cells_a_tree_row_equals_a_single_thread_one_token_decode(targe
     n_ctx = 300
     assert prompt.size > n_ctx
     root = int(prompt[n_ctx])
-    nodes, parents = np.array([root, 11, 12], dtype=np.int32), SHAPES["chain"][:3]
-
-    def one_token_and_tree_row(t: Target) -> tuple[np.ndarray, np.ndarray]:
-        t.reset()
-        t.prefill(prompt[:n_ctx])
-        one = t.decode_one(root)[0].copy()
-        t.truncate(n_ctx)
-        row = t.verify_tree(nodes, parents).logits[0].copy()
-        t.commit([0])
-        t.reset()
-        return one, row
-
-    one_2, row_2 = one_token_and_tree_row(target)
+    one_2, _, row_2, _ = one_token_decode_and_tree_root(target, prompt[:n_ctx], root, 3)
     single = Target(smollm2_path, TargetConfig(n_ctx=1024, n_threads=1))
     try:
-        one_1, row_1 = one_token_and_tree_row(single)
+        one_1, _, row_1, _ = one_token_decode_and_tree_root(single, prompt[:n_ctx], root, 3)
     finally:
         single.close()
     np.testing.assert_array_equal(row_1, row_2)  # tree rows: the same on 1 and 2 threads
