@@ -11,11 +11,15 @@ The output goes to a temporary file that is renamed into place at the end.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -131,6 +135,7 @@ def read_hf(src: Path) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"{cfg_path} lacks a needed field: {e}") from e
+    check_hparams(hp, cfg_path)
     ck = Checkpoint(hp)
     st_files = sorted(src.glob("*.safetensors"))
     bin_files = sorted(src.glob("pytorch_model*.bin"))
@@ -201,6 +206,7 @@ def read_meta(src: Path) -> Checkpoint:
         rms_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
         n_ctx=int(params.get("max_seq_len", 4096)), tied=False, name=src.name, permute_qk=False,
     )
+    check_hparams(hp, src / "params.json")
     ck = Checkpoint(hp)
     # model-parallel shards split column-parallel weights along rows, row-parallel ones along columns
     col_split = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
@@ -253,6 +259,21 @@ def check_shapes(ck: Checkpoint) -> None:
     for name, shape in want.items():
         if tuple(ck.shapes[name]) != shape:
             raise ModelFileError(f"tensor {name} has shape {tuple(ck.shapes[name])}, but config.json implies {shape}")
+
+
+def check_hparams(hp: HParams, where) -> None:
+    """Refuse hyperparameters that llama.cpp would abort on (or compute nonsense with) later."""
+    for name in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "head_dim", "n_ctx"):
+        if getattr(hp, name) < 1:
+            raise ModelFileError(f"{where}: {name} must be positive, got {getattr(hp, name)}")
+    if hp.n_head % hp.n_head_kv:
+        raise ModelFileError(f"{where}: num_attention_heads {hp.n_head} is not a multiple of num_key_value_heads {hp.n_head_kv}")
+    if hp.head_dim % 2:
+        raise ModelFileError(f"{where}: the head size {hp.head_dim} must be even for RoPE")
+    if not (math.isfinite(hp.rms_eps) and hp.rms_eps > 0):
+        raise ModelFileError(f"{where}: rms_norm_eps must be a positive number, got {hp.rms_eps}")
+    if not (math.isfinite(hp.rope_theta) and hp.rope_theta > 0):
+        raise ModelFileError(f"{where}: rope_theta must be a positive number, got {hp.rope_theta}")
 
 
 def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -397,6 +418,31 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16"
     ck = read_meta(src_p) if (src_p / "params.json").is_file() and not (src_p / "config.json").is_file() else read_hf(src_p)
     check_shapes(ck)
     out_p.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_p.parent.glob(f".{glob.escape(out_p.name)}.*.part"):  # left by a run killed with SIGKILL
+        log.info("removing %s, left by an interrupted conversion", stale)
+        stale.unlink(missing_ok=True)
+    with _sigterm_as_interrupt():
+        return _convert_to(ck, src_p, out_p, outtype, progress)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while converting, so the partial files are removed as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("terminated")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _convert_to(ck, src_p: Path, out_p: Path, outtype: str, progress: bool) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_p.name}.", suffix=".part", dir=out_p.parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -1,7 +1,8 @@
 """dovetail-gguf: Dovetail speculative decoding with a GGUF target on the CPU and a PyTorch draft on the GPU."""
 
 from .accept import SamplingParams
-from .api import Dovetail, Stream, render_chat
+from .api import Dovetail, Stream
+from .chat import render_chat
 from .engine import Engine, GenerateOptions, GenerationResult, GenerationStats, TreeConfig
 from .errors import ContextFullError, DovetailError, DraftMismatchError, InvalidArgumentError, ModelFileError
 from .target import Target, TargetConfig

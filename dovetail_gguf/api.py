@@ -15,41 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .accept import SamplingParams
+from .chat import Message, chat_tokens, check_messages
 from .engine import Engine, GenerateOptions, Generation, GenerationResult, TreeConfig
 from .errors import InvalidArgumentError
-from .models import default_draft_path, default_target_path
+from .models import default_draft_for, resolve_target
 from .target import Target, TargetConfig
 
 log = logging.getLogger(__name__)
-
-Message = Mapping[str, str]
-
-
-def render_chat(template: str | None, messages: Sequence[Message], bos: str = "", eos: str = "") -> str:
-    """Render chat messages with a GGUF's Jinja chat template, ready for the assistant's turn."""
-    if not template:
-        raise InvalidArgumentError("this model has no chat template; use plain generation instead")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InvalidArgumentError(f"message {i} needs string 'role' and 'content' fields")
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(msg: str):
-        raise InvalidArgumentError(f"chat template: {msg}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=True, bos_token=bos, eos_token=eos
-        )
-    except TemplateError as e:
-        raise InvalidArgumentError(f"the model's chat template failed: {e}") from e
-
 
 class Dovetail:
     """A loaded target (CPU) and optional draft (GPU or CPU), ready to generate."""
@@ -63,29 +38,62 @@ class Dovetail:
         tree: TreeConfig | None = None,
         target_config: TargetConfig | None = None,
         adaptive: bool = True,
+        ngram: bool | None = None,
     ):
         """``draft``: a draft folder, None for the shipped default (if any), False for none.
 
         ``adaptive``: size each round's tree from measured costs and acceptance, and fall back
         to plain decoding where speculation does not pay; False always drafts ``tree``.
+        ``ngram``: add continuations found earlier in the context as a free branch of each tree
+        (None: whenever a draft model is used); with ``draft=False`` it is n-gram-only speculation.
         """
-        self.target = Target(target or default_target_path(), target_config)
+        self.target = Target(resolve_target(target), target_config)
         self.drafter = None
+        self.drafter_path: Path | None = None  # the draft folder in use
         if draft is not False:
-            draft_dir = default_draft_path() if draft in (None, True) else Path(draft)
+            draft_dir = default_draft_for(self.target.facts) if draft in (None, True) else Path(draft)
             if draft_dir is not None:
                 from .draft.io import load_drafter
 
                 self.drafter = load_drafter(draft_dir, self.target, device=device)
+                self.drafter_path = draft_dir
             elif draft is True:
                 raise InvalidArgumentError("no draft given and no default draft is installed")
-        self.engine = Engine(self.target, self.drafter, tree, adaptive=adaptive)
+        use_ngram = self.drafter is not None if ngram is None else bool(ngram)
+        self.engine = Engine(self.target, self.drafter, tree, adaptive=adaptive, ngram=use_ngram)
         self._lock = threading.Lock()
+        self._holder: int | None = None  # thread id of the generation holding the engine
+        self._closed = False
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
+        """Free the target; every later call raises InvalidArgumentError. Waits for a running generation."""
+        self._refuse_reentry()
         with self._lock:
+            self._closed = True
             self.target.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgumentError("this Dovetail was closed; create a new one")
+
+    def _refuse_reentry(self) -> None:
+        """One thread cannot wait for a generation it is itself running: that would never end."""
+        if self._holder == threading.get_ident():
+            raise InvalidArgumentError("this thread is already running a generation on this engine: "
+                                       "finish or close that stream first")
+
+    def _acquire(self) -> None:
+        self._refuse_reentry()
+        self._lock.acquire()
+        if self._closed:
+            self._lock.release()
+            self._check_open()
+        self._holder = threading.get_ident()
+
+    def _release(self) -> None:
+        self._holder = None
+        self._lock.release()
 
     def __enter__(self) -> "Dovetail":
         return self
@@ -104,25 +112,24 @@ class Dovetail:
         stop: Sequence[str] | str | None = None,
     ) -> GenerateOptions:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
+        if seed is not None and seed < 0:  # as in llama.cpp and OpenAI's API: a negative seed means a random one
+            seed = None
         opts = GenerateOptions(max_tokens, SamplingParams(float(temperature), float(top_p), int(top_k), seed), stops)
         opts.validate()
         return opts
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
+        self._check_open()
         if not isinstance(prompt, str) or not prompt:
             raise InvalidArgumentError("the prompt is empty")
         return self.target.tokenize(prompt, add_special=True, parse_special=False).tolist()
 
-    def chat_prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's chat template."""
-        if not messages:
-            raise InvalidArgumentError("a chat needs at least one message")
-        t = self.target
-        bos = t.detokenize_special(t.bos_token_id) if t.facts.bos_token_id is not None else ""
-        eos = t.detokenize_special(t.facts.eos_token_id) if t.facts.eos_token_id is not None else ""
-        text = render_chat(t.chat_template, messages, bos, eos)
-        add_bos = not (bos and text.startswith(bos))
-        return t.tokenize(text, add_special=add_bos, parse_special=True).tolist()
+    def chat_prompt_tokens(self, messages: Iterable[Message]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template; message text stays plain text."""
+        self._check_open()
+        return chat_tokens(self.target, messages).tolist()
 
     def generate(self, prompt: str, **kwargs) -> GenerationResult:
         """Generate after ``prompt``; keyword arguments as in :meth:`options`."""
@@ -139,11 +146,12 @@ class Dovetail:
         return self.stream_tokens(self.tokenize_prompt(prompt), **kwargs)
 
     def stream_tokens(self, prompt_tokens: Sequence[int], **kwargs) -> "Stream":
+        self._check_open()
         return Stream(self, prompt_tokens, self.options(**kwargs))
 
-    def chat(self, messages: Sequence[Message], stream: bool = False, **kwargs):
+    def chat(self, messages: Iterable[Message], stream: bool = False, **kwargs):
         """Answer the last message of a chat; returns a result, or a :class:`Stream` if ``stream``."""
-        tokens = self.chat_prompt_tokens(messages)
+        tokens = self.chat_prompt_tokens(check_messages(messages))
         return self.stream_tokens(tokens, **kwargs) if stream else self.generate_tokens(tokens, **kwargs)
 
 
@@ -159,13 +167,16 @@ class Stream:
         self._it = self._iterate(owner, prompt_tokens, options)
 
     def _iterate(self, owner: Dovetail, prompt_tokens, options) -> Iterator[str]:
-        with owner._lock:
+        owner._acquire()
+        try:
             gen: Generation = owner.engine.start(prompt_tokens, options)
             try:
                 yield from gen
             finally:
                 gen.close()
                 self.result = gen.result
+        finally:
+            owner._release()
 
     def __iter__(self) -> Iterator[str]:
         return self._it

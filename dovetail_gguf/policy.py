@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .costs import interpolate
+
 log = logging.getLogger(__name__)
 
 
@@ -36,14 +38,24 @@ class TreePolicy:
     _draft_samples: int = 0
     _best: tuple[int, int] | None = None  # cached until the next observation
     _probe_gap: int = 0
+    _chosen_at: dict = field(default_factory=dict)  # verify_ms when _best was chosen
 
     def __post_init__(self) -> None:
         self._reach = np.array([1.0] + [0.7 ** d for d in range(1, self.max_depth + 1)])  # optimistic start
         self._probe_gap = self.probe_every
 
     def verify_cost(self, n: int) -> float:
-        ks = np.array(sorted(self.verify_ms))
-        return float(np.interp(n, ks, [self.verify_ms[k] for k in ks]))
+        return interpolate(self.verify_ms, n)
+
+    def costs_changed(self, n: int) -> None:
+        """t(n) in ``verify_ms`` was refined: choose again if it moved since the last choice."""
+        old = self._chosen_at.get(n)
+        if old is None or abs(self.verify_ms[n] - old) > 0.05 * old:
+            self._best = None
+
+    def expected(self, depth: int) -> float:
+        """Tokens a round with a tree of ``depth`` levels emits on average (the bonus token included)."""
+        return float(self._reach[: depth + 1].sum())
 
     def speed(self, depth: int, tokens: int) -> float:
         expected = float(self._reach[: depth + 1].sum())
@@ -62,6 +74,7 @@ class TreePolicy:
         if self._best is None:
             best = max(self.candidates(), key=lambda c: self.speed(*c))
             self._best = best if self.speed(*best) > 1.0 / self.verify_cost(1) else (0, 0)
+            self._chosen_at = dict(self.verify_ms)
         if self._best != (0, 0):
             self._plain_steps, self._probe_gap = 0, self.probe_every
             return self._best
@@ -80,14 +93,7 @@ class TreePolicy:
         on the prompt), a one-time cost that steady speculation does not pay.
         """
         self._rounds += 1
-        hit = (np.arange(1, depth + 1) <= accepted).astype(float)
-        self._reach[1 : depth + 1] += self._update_rate(self._rounds) * (hit - self._reach[1 : depth + 1])
-        # depths beyond this tree were not seen: assume they keep the last level's survival rate
-        # (so a fully accepted tree makes deeper ones worth trying)
-        survive = self._reach[depth] / max(self._reach[depth - 1], 1e-9) if depth >= 1 else 1.0
-        beyond = self._reach[depth] * survive ** np.arange(1, self.max_depth - depth + 1)
-        self._reach[depth + 1 :] = np.maximum(self._reach[depth + 1 :], beyond)
-        self._reach[1:] = np.minimum.accumulate(self._reach[1:])  # P(length >= d) falls with d
+        self._reach = update_reach(self._reach, depth, accepted, self._update_rate(self._rounds))
         self._best = None
         if draft_ms is None:
             return
@@ -99,3 +105,62 @@ class TreePolicy:
     def _update_rate(n_samples: int) -> float:
         """Weight of the newest of ``n_samples`` observations in a running estimate: fast at first, then steadier."""
         return 0.5 if n_samples <= 5 else 0.2
+
+
+def update_reach(reach: np.ndarray, depth: int, accepted: int, rate: float) -> np.ndarray:
+    """P(accepted length >= d) after a round that proposed ``depth`` levels and had ``accepted`` accepted."""
+    reach = reach.copy()
+    hit = (np.arange(1, depth + 1) <= accepted).astype(float)
+    reach[1 : depth + 1] += rate * (hit - reach[1 : depth + 1])
+    # depths beyond this tree were not seen: assume they keep the last level's survival rate
+    # (so a fully accepted tree makes deeper ones worth trying)
+    max_depth = reach.shape[0] - 1
+    survive = reach[depth] / max(reach[depth - 1], 1e-9) if depth >= 1 else 1.0
+    beyond = reach[depth] * survive ** np.arange(1, max_depth - depth + 1)
+    reach[depth + 1 :] = np.maximum(reach[depth + 1 :], beyond)
+    reach[1:] = np.minimum.accumulate(reach[1:])  # P(length >= d) falls with d
+    return reach
+
+
+@dataclass
+class ChainPolicy:
+    """Length of the free n-gram chain to verify, from its measured acceptance and t(k).
+
+    A chain costs no drafting, only the rows it adds to the verification. Its
+    acceptance by depth is estimated over the rounds where a match existed.
+    """
+
+    max_len: int = 8
+    probe_every: int = 16  # matches passed over before a chain is verified anyway
+    _reach: np.ndarray = field(default=None, repr=False)
+    _rounds: int = 0
+    _skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self._reach = np.array([1.0] + [0.6 ** d for d in range(1, self.max_len + 1)])
+
+    def choose(self, available: int, cost, base_nodes: int = 1, base_expected: float = 1.0) -> int:
+        """Chain length (0 = none) that maximizes tokens per ms, given a tree of ``base_nodes`` nodes (root
+        included) that emits ``base_expected`` tokens alone; ``cost(k)`` is t(k) in ms.
+
+        The chain's tokens count in full only where the tree has no other branch (``base_nodes`` 1);
+        next to a draft tree, half of its gain is assumed to overlap the tree's own.
+        """
+        share = 1.0 if base_nodes <= 1 else 0.5
+        best_len, best_speed = 0, base_expected / cost(base_nodes)
+        gain = np.cumsum(self._reach[1 : min(available, self.max_len) + 1]) * share
+        for length in range(1, gain.shape[0] + 1):
+            speed = (base_expected + gain[length - 1]) / cost(base_nodes + length)
+            if speed > best_speed * 1.02:  # a clear win only: timing noise is not a reason to verify more
+                best_len, best_speed = length, speed
+        if best_len == 0 and available > 0:
+            self._skipped += 1
+            if self._skipped >= self.probe_every:  # look again: the text may have turned repetitive
+                self._skipped = 0
+                return min(available, 2)
+        return best_len
+
+    def observe(self, length: int, accepted: int) -> None:
+        """A verified chain of ``length`` tokens of which the first ``accepted`` were accepted."""
+        self._rounds += 1
+        self._reach = update_reach(self._reach, min(length, self.max_len), accepted, 0.5 if self._rounds <= 5 else 0.2)

@@ -170,7 +170,7 @@ class Target:
         use_extra = config.use_extra_buffers
         if use_extra is None:
             use_extra = extra_buffers_safe(str(self.path))
-        mp.use_extra_bufts = bool(use_extra)
+        mp.use_extra_bufts = self.extra_buffers = bool(use_extra)
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self._model:
             raise ModelFileError(f"llama.cpp could not load {self.path} (unsupported architecture or damaged file)")
@@ -256,7 +256,13 @@ class Target:
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> np.ndarray:
         """Token ids of ``text`` (BOS added where the model wants it, if ``add_special``)."""
-        data = text.encode("utf-8")
+        if not self._model:
+            raise InvalidArgumentError("the target was closed")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgumentError(f"the text holds a character that is not valid Unicode at index {e.start} "
+                                       "(a lone surrogate?)") from None
         cap = len(data) + 8
         buf = (self._lib.llama_token * cap)()
         n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
@@ -340,6 +346,8 @@ class Target:
             raise InvalidArgumentError(f"token ids must be in 0..{self.n_vocab - 1}")
 
     def _decode(self) -> None:
+        if not self._ctx:
+            raise InvalidArgumentError("the target was closed")
         rc = self._lib.llama_decode(self._ctx, self._batch.struct)
         if rc != 0:
             raise LlamaCallError(f"llama_decode failed with code {rc}")

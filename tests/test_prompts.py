@@ -23,7 +23,8 @@ def test_doctest_prompts_are_humaneval_shaped_python():
 
 
 def test_prompt_file_mixes_sources_and_shares_nothing_with_humaneval(tmp_path):
-    path = write_prompt_file(tmp_path / "p.jsonl", n_code=6, n_chat=4, seed=0, n_doctest=5)
+    path, counts = write_prompt_file(tmp_path / "p.jsonl", n_code=6, n_chat=4, seed=0, n_doctest=5)
+    assert counts == {"code": 6, "chat": 4, "doctest": 5}
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 15
     assert sum("conversations" in r for r in rows) == 4

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import DraftMismatchError, InvalidArgumentError, ModelFileError
 from ..gguf_io import ModelFacts, read_facts, read_token_matrices
+from ..outputs import check_output_dir
 from .model import DraftConfig, DraftModel
 
 log = logging.getLogger(__name__)
@@ -72,17 +73,37 @@ def check_pairing(cfg: DraftConfig, facts: ModelFacts, where: str) -> None:
             )
 
 
+def is_draft_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder whose config.json declares the draft format."""
+    try:
+        doc = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == FORMAT
+
+
+def check_draft_output(out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """``out_dir`` as a place to write a draft: a new folder, or with ``force`` an existing draft folder.
+
+    Anything else that exists (a data folder, a project, the current folder) is refused.
+    """
+    return check_output_dir(out_dir, force, is_draft_dir, "draft folder")
+
+
 def save_draft(model: DraftModel, out_dir: str | os.PathLike, overwrite: bool = False, extra: dict | None = None,
                dtype: torch.dtype | None = None) -> Path:
     """Write the draft atomically: a temporary folder renamed into place at the end.
 
-    ``dtype`` (e.g. ``torch.float16`` for shipping) converts the floating-point weights.
+    ``overwrite`` replaces an existing draft folder (never anything else, see
+    :func:`check_draft_output`). ``dtype`` (e.g. ``torch.float16`` for shipping)
+    converts the floating-point weights. Non-finite weights are refused.
     """
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InvalidArgumentError(f"{out} already exists (use --force to overwrite)")
+    out = check_draft_output(out_dir, overwrite)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InvalidArgumentError(f"the draft has non-finite weights ({', '.join(bad[:3])}); not saving it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -93,9 +114,13 @@ def save_draft(model: DraftModel, out_dir: str | os.PathLike, overwrite: bool = 
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **model.cfg.to_dict(), **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if out.exists():  # a draft folder (checked above): move it aside, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "draft")
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

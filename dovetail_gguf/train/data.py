@@ -99,7 +99,10 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[Prompt, list[dict] | Non
                     raise InvalidArgumentError(f"{p}:{lineno}: 'conversations' must be a list")
                 out.append((Prompt("", chat=True), _conversation(obj, lineno, p)))
             elif isinstance(obj.get("prompt"), str) and obj["prompt"]:
-                out.append((Prompt(obj["prompt"], chat=bool(obj.get("chat", False))), None))
+                if obj.get("chat", False) is True:  # a user message, rendered with the chat template
+                    out.append((Prompt(obj["prompt"], chat=True), [{"role": "user", "content": obj["prompt"]}]))
+                else:
+                    out.append((Prompt(obj["prompt"], chat=False), None))
             elif isinstance(obj.get("text"), str) and obj["text"]:
                 out.append((Prompt(obj["text"], chat=False, complete=True), None))
             else:
@@ -149,13 +152,10 @@ class _Manifest:
 
 
 def _encode(target: Target, prompt: Prompt, messages, max_tokens: int) -> np.ndarray:
-    if messages is not None:
-        from ..api import render_chat
+    if messages is not None:  # rendered exactly as at inference
+        from ..chat import chat_tokens
 
-        t = target
-        bos = t.detokenize_special(t.facts.bos_token_id) if t.facts.bos_token_id is not None else ""
-        text = render_chat(t.chat_template, messages, bos)
-        toks = t.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
+        toks = chat_tokens(target, messages)
     else:
         toks = target.tokenize(prompt.text, add_special=True, parse_special=False)
     return toks[:max_tokens]

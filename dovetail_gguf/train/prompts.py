@@ -145,20 +145,25 @@ def chat_prompts() -> list[str]:
 
 
 def write_prompt_file(out: str | os.PathLike, n_code: int = 1500, n_chat: int = 500, seed: int = 0,
-                      n_doctest: int = 0) -> Path:
-    """A JSONL prompt file: stdlib completion prompts, doctest-shaped prompts and chat instructions, shuffled."""
+                      n_doctest: int = 0) -> tuple[Path, dict[str, int]]:
+    """A JSONL prompt file: stdlib completion prompts, doctest-shaped prompts and chat instructions, shuffled.
+
+    Returns the path and how many prompts of each source it holds: fewer than
+    asked where this machine's sources run out.
+    """
     if n_code + n_chat + n_doctest == 0:
         raise InvalidArgumentError("asked for no prompts: give --code, --chat or --doctest a positive count")
     rng = random.Random(seed)
     chats = chat_prompts()
     rng.shuffle(chats)
-    rows = [{"prompt": p} for p in stdlib_function_prompts(n_code, seed)] if n_code else []
-    rows += [{"prompt": p} for p in doctest_function_prompts(n_doctest, seed)] if n_doctest else []
-    rows += [{"conversations": [{"role": "user", "content": c}]} for c in chats[:n_chat]]
+    code = [{"prompt": p} for p in stdlib_function_prompts(n_code, seed)] if n_code else []
+    doctest = [{"prompt": p} for p in doctest_function_prompts(n_doctest, seed)] if n_doctest else []
+    chat = [{"conversations": [{"role": "user", "content": c}]} for c in chats[:n_chat]]
+    rows = code + doctest + chat
     rng.shuffle(rows)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
-    return path
+    return path, {"code": len(code), "chat": len(chat), "doctest": len(doctest)}

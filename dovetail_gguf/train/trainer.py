@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidArgumentError
+from ..errors import DovetailError, InvalidArgumentError
 from ..gguf_io import read_facts, read_token_matrices
-from ..draft.io import check_pairing, config_for_target, load_draft, save_draft
+from ..draft.io import check_draft_output, check_pairing, config_for_target, load_draft, save_draft
 from ..draft.model import DraftModel
 from .config import TrainConfig
 from .data import load_shards
@@ -57,12 +57,15 @@ class Windows:
 
     def __init__(self, seqs, seq_len: int):
         self.items = []
-        for s, (toks, _hid, _plen) in enumerate(seqs):
+        for s, (toks, _hid, plen) in enumerate(seqs):
             n = len(toks)
             if n < 3:
                 continue
             for lo in range(0, n - 2, seq_len - 1):
-                self.items.append((s, lo, min(lo + seq_len, n)))
+                hi = min(lo + seq_len, n)
+                # keep windows with a supervised pair: some t in lo+1..hi-1 with plen <= t+1 < n
+                if max(lo + 1, plen - 1) <= min(hi - 1, n - 2):
+                    self.items.append((s, lo, hi))
         self.seqs = seqs
         self.seq_len = seq_len
 
@@ -124,6 +127,8 @@ def loss_and_metrics(model: DraftModel, batch: dict, cfg: TrainConfig, noise: bo
             metrics.update(feat=feat_loss.item(), ce=ce.item(), acc=acc)
         else:
             metrics[f"acc@{j}"] = acc
+    if total_w == 0:  # no supervised row in this batch
+        return None, {}
     loss = loss / total_w
     metrics["loss"] = loss.item()
     return loss, metrics
@@ -135,7 +140,9 @@ def evaluate(model: DraftModel, windows: Windows, cfg: TrainConfig, device) -> d
     totals, n = {}, 0
     for lo in range(0, len(windows), cfg.batch_size):
         batch = {k: v.to(device) for k, v in windows.batch(list(range(lo, min(lo + cfg.batch_size, len(windows))))).items()}
-        _, metrics = loss_and_metrics(model, batch, cfg, noise=False)
+        loss, metrics = loss_and_metrics(model, batch, cfg, noise=False)
+        if loss is None:
+            continue
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
         n += 1
@@ -163,18 +170,25 @@ def heldout_prompts(held, n: int) -> list[np.ndarray]:
     return [toks[:plen] for toks, _hid, plen in held if plen < len(toks)][:n]
 
 
+class TrainingDivergedError(DovetailError):
+    """The loss or the weights became NaN or infinite; nothing is saved."""
+
+
 def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, init_from=None,
-                resume: bool = True, progress: bool = True) -> dict:
+                resume: bool = True, progress: bool = True, overwrite: bool = False) -> dict:
     """Train a draft for ``target_path`` on ``data_dir`` (one folder or several); writes the draft to ``out_dir``.
 
-    Returns a report, which ends with τ measured through the real engine
-    (greedy, default tree) on ``cfg.tau_prompts`` held-out prompts.
+    ``out_dir`` must be new, or with ``overwrite`` an existing draft folder
+    (checked before any work). Returns a report, which ends with τ measured
+    through the real engine (greedy, default tree) on ``cfg.tau_prompts``
+    held-out prompts.
     """
     from accelerate import Accelerator
     from tqdm import tqdm
 
     cfg = cfg or TrainConfig()
     cfg.validate()
+    check_draft_output(out_dir, overwrite)
     data_dirs = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
     if not data_dirs:
         raise InvalidArgumentError("no data folder given")
@@ -223,6 +237,9 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
             rng = np.random.default_rng([cfg.seed, start_step])
             log.info("resumed from %s at step %d", ckpt_dir, start_step)
     train_w, held_w = Windows(train, cfg.seq_len), Windows(held, cfg.seq_len)
+    if len(train_w) == 0:
+        raise InvalidArgumentError(f"no training window of --seq-len {cfg.seq_len} holds an answer token; "
+                                   "raise --seq-len or generate data with longer answers")
     log.info("training on %d windows (%d sequences), %d held out", len(train_w), len(train), len(held_w))
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress or not accelerator.is_main_process, desc="train-draft")
@@ -232,6 +249,11 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
         batch = {k: v.to(device) for k, v in train_w.batch(idx).items()}
         with accelerator.autocast():
             loss, metrics = loss_and_metrics(accelerator.unwrap_model(model), batch, cfg, noise=True)
+        if loss is None:  # cannot happen with the windows kept above; guards a future change
+            continue
+        if not bool(torch.isfinite(loss)):
+            raise TrainingDivergedError(f"the loss became {loss.item()} at step {step + 1}; nothing was saved. "
+                                        f"Lower --lr (now {cfg.lr:g})")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, cfg.grad_clip)
@@ -241,9 +263,10 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.2f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            ev = evaluate(accelerator.unwrap_model(model), held_w, cfg, device)
+            ev = evaluate(accelerator.unwrap_model(model), held_w, cfg, device)  # {} when nothing is held out
             history.append({"step": done, "train": metrics, "heldout": ev, "seconds": time.perf_counter() - t0})
-            log.info("step %d: held-out loss %.4f, token accuracy %.3f", done, ev["loss"], ev["acc"])
+            if ev:
+                log.info("step %d: held-out loss %.4f, token accuracy %.3f", done, ev["loss"], ev["acc"])
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 and done < cfg.steps):
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             state = {"config": asdict(cfg), "step": done, "history": history,
@@ -257,7 +280,9 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
               "train_seconds": time.perf_counter() - t0, "device": str(device)}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model).to("cpu", torch.float32)
-        save_draft(final, out, overwrite=True, extra={"training": {k: report[k] for k in ("n_sequences", "n_train_tokens", "train_seconds")}})
+        if not all(bool(torch.isfinite(p).all()) for p in final.parameters()):
+            raise TrainingDivergedError(f"the weights became non-finite in training; nothing was saved. Lower --lr (now {cfg.lr:g})")
+        save_draft(final, out, overwrite=overwrite, extra={"training": {k: report[k] for k in ("n_sequences", "n_train_tokens", "train_seconds")}})
         if cfg.tau_prompts > 0:
             from .evaluate import measure_tau
 

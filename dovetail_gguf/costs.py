@@ -1,0 +1,133 @@
+"""Verification costs t(k), measured once per machine, target file and thread count, cached on disk.
+
+The adaptive engine needs t(k), the time one ``llama_decode`` of a k-node tree
+takes, to size its trees. Measuring it costs a few decodes, which a short
+generation notices; so the figures are kept in ``verify_costs.json`` in the
+user's cache folder (see :func:`dovetail_gguf.models.cache_dir`) and every
+later process on the same machine, file and settings reuses them. The engine
+keeps refining them from the rounds it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .models import cache_dir
+
+log = logging.getLogger(__name__)
+
+COSTS_FILE = "verify_costs.json"
+CALIBRATION_SIZES = (1, 2, 4)  # the rest is measured by the rounds that use them, then cached
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cost_key(target) -> str:
+    """What t(k) depends on: the machine, llama.cpp, the file, the threads and the kernel choice."""
+    import llama_cpp
+
+    st = os.stat(target.path)
+    return json.dumps({
+        "cpu": _cpu_name(), "cores": os.cpu_count(), "llama_cpp": llama_cpp.__version__,
+        "file": str(Path(target.path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+        "threads": target.n_threads, "extra_buffers": target.extra_buffers, "gpu_layers": target.config.n_gpu_layers,
+    }, sort_keys=True)
+
+
+def _costs_path() -> Path:
+    return cache_dir() / COSTS_FILE
+
+
+def _read_all() -> dict:
+    try:
+        doc = json.loads(_costs_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def load_costs(target) -> dict[int, float] | None:
+    """Cached t(k) in ms for this target and settings, or None."""
+    entry = _read_all().get(cost_key(target))
+    if not isinstance(entry, dict):
+        return None
+    try:
+        costs = {int(k): float(v) for k, v in entry.items()}
+    except (TypeError, ValueError):
+        return None
+    if 1 not in costs or not all(np.isfinite(v) and v > 0 for v in costs.values()):
+        return None
+    return costs
+
+
+def save_costs(target, costs: dict[int, float]) -> None:
+    """Store t(k) for this target and settings (atomically; a cache that cannot be written is only logged)."""
+    path = _costs_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = _read_all()
+        doc[cost_key(target)] = {str(k): round(v, 4) for k, v in sorted(costs.items())}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not write the cost cache %s: %s", path, e)
+
+
+def interpolate(costs: dict[int, float], n: int) -> float:
+    """t(n) from measured sizes: linear between them, and past the largest along the last two points' slope."""
+    ks = sorted(costs)
+    if n <= ks[-1] or len(ks) == 1:
+        return float(np.interp(n, ks, [costs[k] for k in ks]))
+    slope = max(0.0, (costs[ks[-1]] - costs[ks[-2]]) / (ks[-1] - ks[-2]))
+    return costs[ks[-1]] + slope * (n - ks[-1])
+
+
+def update_cost(costs: dict[int, float], n: int, ms: float, rate: float = 0.1) -> float:
+    """Fold one measured decode of ``n`` rows into ``costs`` (in place); returns the relative change."""
+    old = costs.get(n)
+    if old is None:  # a size seen for the first time: it replaces the extrapolation
+        costs[n] = ms
+        return 1.0
+    costs[n] = old + rate * (ms - old)
+    return abs(costs[n] - old) / max(old, 1e-9)
+
+
+def measure_costs(target, max_nodes: int, repeats: int = 1, sizes=CALIBRATION_SIZES) -> dict[int, float]:
+    """t(k) in ms for chains of k random tokens after the current context, k in ``sizes`` up to ``max_nodes``.
+
+    Uses only the room the context has left (sizes that do not fit are skipped)
+    and leaves the cache as it found it. One warm-up decode comes first.
+    """
+    n_past = target.n_past
+    room = min(target.n_ctx, target.n_cells) - n_past
+    sizes = [k for k in sizes if k <= min(max_nodes, room)]
+    rng = np.random.default_rng(0)
+    cost: dict[int, float] = {}
+    for k in [sizes[0]] + sizes if sizes else []:
+        best = float("inf")
+        for _ in range(repeats):
+            tokens = rng.integers(0, target.n_vocab, size=k).astype(np.int32)
+            t0 = time.perf_counter()
+            target.verify_tree(tokens, np.arange(-1, k - 1))
+            best = min(best, time.perf_counter() - t0)
+            target.truncate(n_past)
+        cost[k] = 1000 * best  # the warm-up's entry is overwritten by the real one
+    return cost

@@ -1,0 +1,112 @@
+"""Free n-gram branches and the verification-cost cache, on the real SmolLM2 target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dovetail_gguf.engine as engine_mod
+from dovetail_gguf.engine import Engine, GenerateOptions
+from dovetail_gguf.ngram import lookup, merge_chain
+from dovetail_gguf.policy import ChainPolicy
+from dovetail_gguf.target import Target, TargetConfig
+
+COPY_PROMPT = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu\n" * 3 + "alpha beta"
+
+
+def test_lookup_takes_the_most_recent_longest_match():
+    ctx = np.array([1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3], dtype=np.int32)
+    # "2 3" last seen at 6..7, followed by 7 8 5 (the earlier "2 3" is followed by 9 9)
+    np.testing.assert_array_equal(lookup(ctx, 3), [7, 8, 5])
+    np.testing.assert_array_equal(lookup(ctx, 10), [7, 8, 5, 2, 3])
+    assert lookup(np.array([4, 5, 6], dtype=np.int32), 4).size == 0  # nothing repeats
+    assert lookup(ctx, 0).size == 0
+    # a longer match wins over a more recent shorter one
+    ctx = np.array([5, 1, 2, 3, 4, 6, 2, 3, 8, 1, 2, 3], dtype=np.int32)
+    np.testing.assert_array_equal(lookup(ctx, 2), [4, 6])
+
+
+def test_merge_chain_shares_existing_nodes():
+    tokens = np.array([10, 11, 12, 13], dtype=np.int32)  # root 10; 11 -> 13; 12
+    parents = np.array([-1, 0, 0, 1], dtype=np.int32)
+    t, p, nodes = merge_chain(tokens, parents, np.array([11, 13, 14, 15]))
+    np.testing.assert_array_equal(t, [10, 11, 12, 13, 14, 15])
+    np.testing.assert_array_equal(p, [-1, 0, 0, 1, 3, 4])
+    np.testing.assert_array_equal(nodes, [1, 3, 4, 5])
+    t, p, nodes = merge_chain(tokens, parents, np.array([20]))
+    np.testing.assert_array_equal(p, [-1, 0, 0, 1, 0])
+    assert (p[1:] < np.arange(1, t.size)).all()  # parents still precede children
+
+
+def test_chain_policy_learns_from_acceptance():
+    cost = lambda k: 10.0 + 1.0 * (k - 1)  # noqa: E731  (a flat t(k): chains pay)
+    policy = ChainPolicy(max_len=8)
+    assert policy.choose(8, cost) > 0
+    for _ in range(30):
+        policy.observe(4, 0)  # never accepted
+    assert policy.choose(8, cost) == 0
+    steep = lambda k: 10.0 * k  # noqa: E731  (every row costs a full decode: nothing pays)
+    fresh = ChainPolicy(max_len=8)
+    assert all(fresh.choose(8, steep) == 0 for _ in range(fresh.probe_every - 1))
+    assert fresh.choose(8, steep) == 2  # but a probe comes now and then
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    t = Target(smollm2_path, TargetConfig(n_ctx=1024, n_threads=2))
+    yield t
+    t.close()
+
+
+def run(engine: Engine, prompt, n=48):
+    engine.target.reset()
+    gen = engine.start(prompt, GenerateOptions(max_tokens=n))
+    for _ in gen:
+        pass
+    return gen.result
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_ngram_branches_are_accepted_on_a_copying_prompt_and_keep_greedy_output(smol, adaptive, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    prompt = smol.tokenize(COPY_PROMPT)
+    plain = run(Engine(smol), prompt)
+    spec = run(Engine(smol, None, adaptive=adaptive, ngram=True), prompt)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.mean_accepted_tokens > 1.5, spec.stats  # the copied words come in chains
+
+
+def test_ngram_mode_equals_plain_on_text_that_does_not_repeat(smol, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    prompt = smol.tokenize("The history of the printing press begins")
+    assert run(Engine(smol, None, ngram=True), prompt, 40).tokens == run(Engine(smol), prompt, 40).tokens
+
+
+def test_costs_are_measured_once_and_reused_by_a_later_engine(smollm2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    calls = []
+    real = engine_mod.measure_costs
+    monkeypatch.setattr(engine_mod, "measure_costs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = None
+    for threads, expect_calls in ((2, 1), (2, 1), (1, 2)):
+        with Target(smollm2_path, TargetConfig(n_ctx=512, n_threads=threads)) as t:
+            prompt = t.tokenize(COPY_PROMPT) if prompt is None else prompt
+            result = run(Engine(t, None, adaptive=True, ngram=True), prompt, 8)
+            assert result.stats.n_tokens == 8
+        assert len(calls) == expect_calls  # a second engine, same settings: no calibration decode
+    assert (tmp_path / "verify_costs.json").is_file()
+
+
+def test_start_up_near_the_context_end_still_generates(smollm2_path, tmp_path, monkeypatch):
+    """A prompt a few tokens short of n_ctx: calibration must not need room the context lacks."""
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    from dovetail_gguf import Dovetail
+
+    cfg = TargetConfig(n_ctx=256, n_threads=2)
+    with Dovetail(smollm2_path, False, target_config=cfg) as plain:
+        prompt = plain.tokenize_prompt("word " * 400)[: 256 - 5]
+        want = plain.generate_tokens(prompt, max_tokens=20)
+    with Dovetail(smollm2_path, None, target_config=cfg) as dt:  # adaptive, with the shipped draft
+        got = dt.generate_tokens(prompt, max_tokens=20)
+    assert want.finish_reason == got.finish_reason == "context_full"
+    assert got.tokens == want.tokens and len(got.tokens) >= 4
