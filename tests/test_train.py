@@ -147,3 +147,37 @@ def test_training_reads_several_data_folders(small_data, tmp_path, smollm2_path)
     assert report["data"] == [str(out), str(out)]
     with pytest.raises(InvalidArgumentError, match="no data folder"):
         train_draft(smollm2_path, [], tmp_path / "e", cfg, progress=False)
+
+
+@pytest.mark.parametrize("lr", [1e10, float("inf")])
+def test_diverging_training_stops_with_an_error_and_saves_nothing(small_data, tmp_path, smollm2_path, lr):
+    from dovetail_gguf.train.trainer import TrainingDivergedError
+
+    out, _ = small_data
+    cfg = TrainConfig(n_layer=1, draft_vocab=256, steps=4, batch_size=2, seq_len=32, lr=lr, warmup=1,
+                      eval_every=10, heldout_fraction=0.25, tau_prompts=0)
+    with pytest.raises(TrainingDivergedError, match="non-finite|became"):
+        train_draft(smollm2_path, out, tmp_path / "d", cfg, progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+def test_short_windows_train_instead_of_crashing_at_the_end(small_data, tmp_path, smollm2_path):
+    """--seq-len 16 leaves windows and held-out batches without answer tokens: they are skipped."""
+    out, _ = small_data
+    cfg = TrainConfig(n_layer=1, draft_vocab=256, steps=3, batch_size=2, seq_len=16, warmup=1, eval_every=3,
+                      heldout_fraction=0.25, tau_prompts=0)
+    report = train_draft(smollm2_path, out, tmp_path / "d", cfg, progress=False)
+    assert (tmp_path / "d" / "model.safetensors").is_file()
+    assert report["history"][-1]["step"] == 3
+
+
+def test_a_chat_flag_renders_the_prompt_as_a_user_message(tmp_path, smollm2_path):
+    rows = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Name a fruit.", "chat": True}, {"prompt": "Name a fruit."}])
+    (chat, chat_msgs), (raw, raw_msgs) = read_prompts(rows)
+    assert chat.chat and chat_msgs == [{"role": "user", "content": "Name a fruit."}]
+    assert not raw.chat and raw_msgs is None
+    with Target(smollm2_path, TargetConfig(n_ctx=256)) as t:
+        from dovetail_gguf.chat import chat_tokens
+
+        assert data_mod._encode(t, chat, chat_msgs, 512).tolist() == chat_tokens(t, chat_msgs).tolist()
+        assert data_mod._encode(t, raw, raw_msgs, 512).tolist() == t.tokenize("Name a fruit.").tolist()
