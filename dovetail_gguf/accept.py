@@ -5,11 +5,14 @@ Pure functions over numpy arrays; they know nothing of llama.cpp or torch.
 Greedy: accept the deepest node whose whole path matches the target's argmax,
 then the target's argmax after it (the bonus token).
 
-Sampling: recursive rejection over the tree's candidates, the rule EAGLE and
-SpecInfer use for tree drafts whose children are picked deterministically
-(top-k): at node u with target distribution p, try u's children in order;
-accept child x with probability p(x); on rejection set p(x) = 0 and
-renormalise. If every child is rejected, sample the bonus token from what is
+Sampling: recursive rejection over the tree's candidates. This is SpecInfer's
+multi-step speculative sampling (Miao et al., 2024) with every candidate taken
+as a one-point draft distribution q = δ_x, which is what a tree whose children
+are picked deterministically (top-k, as EAGLE-2 and Dovetail draft them)
+amounts to: the ratio min(1, p(x) / q(x)) becomes p(x), and the residual
+norm(max(p - q, 0)) is p with x removed. At node u with target distribution p,
+try u's children in order; accept child x with probability p(x); on rejection
+set p(x) = 0 and renormalise. If every child is rejected, sample the bonus token from what is
 left of p. The emitted token then has exactly distribution p: P(x1) = p(x1),
 and any other y is reached with (1 - p(x1)) * p(y) / (1 - p(x1)) = p(y), and so
 on down the siblings. The draft's own probabilities choose the candidates and

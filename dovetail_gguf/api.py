@@ -19,7 +19,8 @@ from typing import Iterable, Iterator, Sequence
 
 from .accept import SamplingParams
 from .chat import Message, chat_tokens, check_messages
-from .engine import Engine, GenerateOptions, Generation, GenerationResult, TreeConfig
+from .engine import Engine, Generation
+from .types import GenerateOptions, GenerationResult, TreeConfig
 from .errors import InvalidArgumentError
 from .models import default_draft_for, resolve_target
 from .target import Target, TargetConfig

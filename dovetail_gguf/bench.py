@@ -24,6 +24,7 @@ from .errors import InvalidArgumentError
 log = logging.getLogger(__name__)
 
 PLAIN, LOOKUP, NGRAM, DOVETAIL = "plain", "prompt-lookup", "ngram", "dovetail"
+PLAIN_EXACT = "plain-exact"  # with --exact: plain decoding in exact mode, the reference for identical output
 SYSTEMS = (PLAIN, LOOKUP, NGRAM, DOVETAIL)  # prompt-lookup: llama-cpp-python's; ngram: this engine's, no draft model
 
 
@@ -109,11 +110,15 @@ class _LookupSystem:
 
 def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, threads: int | None = None,
               device: str = "auto", tree=None, n_ctx: int = 2048, systems=(PLAIN, LOOKUP, DOVETAIL),
-              progress: bool = True, adaptive: bool = True, chat: bool = False, ngram: bool | None = None) -> dict:
+              progress: bool = True, adaptive: bool = True, chat: bool = False, ngram: bool | None = None,
+              exact: bool = False) -> dict:
     """Run every system on every prompt, interleaved; returns the raw records and the summary.
 
     ``chat``: each prompt is sent as a user message, rendered with the model's chat template.
     ``ngram``: n-gram branches in the dovetail system's trees (None: on, as the engine defaults).
+    ``exact``: the speculative systems run in exact mode (see TargetConfig.exact); plain decoding
+    stays in the fastest mode, the speed baseline, and a plain-exact run is added as the
+    reference their outputs must equal.
     Every system gets the same prompt tokens and is timed from its first new token on
     (prefill excluded for all; the engine's one-time cost measurement is counted).
     """
@@ -132,6 +137,9 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads)
     plain = Dovetail(target_path, False, target_config=tcfg)
     engines = {PLAIN: plain}
+    if exact:
+        tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads, exact=True)
+        engines[PLAIN_EXACT] = Dovetail(target_path, False, target_config=tcfg)
     if DOVETAIL in systems:
         engines[DOVETAIL] = Dovetail(target_path, draft, device=device, tree=tree, target_config=tcfg, adaptive=adaptive,
                                      ngram=ngram)
@@ -143,7 +151,7 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     encoded = [plain.chat_prompt_tokens([{"role": "user", "content": p}]) if chat else plain.tokenize_prompt(p)
                for p in prompts]
     records: list[RunRecord] = []
-    order = [s for s in SYSTEMS if s in systems]
+    order = [s for s in SYSTEMS if s in systems] + ([PLAIN_EXACT] if exact else [])
     bar = tqdm(total=len(prompts) * len(order), disable=not progress, desc="bench", unit="run")
     for i, tokens in enumerate(encoded):
         rot = order[i % len(order):] + order[: i % len(order)]
@@ -169,27 +177,30 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         "verify_ms": next((e.engine._verify_ms for e in engines.values() if e.engine._verify_ms), None)},
         "records": [vars(r) for r in records],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}
-    report["summary"] = summarize(records)
+    report["settings"]["exact"] = exact
+    report["summary"] = summarize(records, reference={NGRAM: PLAIN_EXACT, DOVETAIL: PLAIN_EXACT} if exact else None)
     return report
 
 
-def summarize(records: list[RunRecord]) -> dict:
-    """Per system: tokens/s, median per-prompt speedup over plain, τ, time split, identity with plain."""
+def summarize(records: list[RunRecord], reference: dict[str, str] | None = None) -> dict:
+    """Per system: tokens/s, median per-prompt speedup over plain, τ, time split, identity with plain
+    (or with the system ``reference`` names for it, e.g. plain-exact for exact-mode systems)."""
     by = {}
     for r in records:
         by.setdefault(r.system, {})[r.prompt_index] = r
     base = by.get(PLAIN, {})
     out = {}
     for system, runs in by.items():
+        ref = by.get((reference or {}).get(system, PLAIN), {})
         rs = list(runs.values())
         n_tok = sum(r.n_tokens for r in rs)
         secs = sum(r.seconds for r in rs)
         ratios = [runs[i].tokens_per_second / base[i].tokens_per_second for i in runs if i in base and base[i].tokens_per_second > 0]
         rounds = sum(r.rounds for r in rs)
         if system == LOOKUP:
-            identical = [runs[i].text == base[i].text for i in runs if i in base]
+            identical = [runs[i].text == ref[i].text for i in runs if i in ref]
         else:
-            identical = [runs[i].tokens == base[i].tokens for i in runs if i in base]
+            identical = [runs[i].tokens == ref[i].tokens for i in runs if i in ref]
         out[system] = {
             "tokens": n_tok, "seconds": secs, "tokens_per_second": n_tok / secs if secs else 0.0,
             "speedup_median": float(np.median(ratios)) if ratios else None,
@@ -198,6 +209,8 @@ def summarize(records: list[RunRecord]) -> dict:
             "other_seconds": secs - sum(r.draft_seconds + r.verify_seconds for r in rs) if rounds else None,
             "identical_to_plain": all(identical) if identical else None,
             "n_identical": int(sum(identical)),
+            "not_identical": [i for i in runs if i in ref and system != LOOKUP and runs[i].tokens != ref[i].tokens],
+            "identity_reference": (reference or {}).get(system, PLAIN),
         }
     return out
 
@@ -207,9 +220,13 @@ def format_table(summary: dict) -> str:
     lines = [head, "-" * len(head)]
     for system, s in summary.items():
         fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])  # noqa: E731
+        same = s["identical_to_plain"]
+        if same is False and s.get("not_identical") is not None:  # name the prompts that differ
+            same = f"False (differ: {', '.join(map(str, s['not_identical']))})"
+        ref = s.get("identity_reference", PLAIN)
         lines.append(f"{system:<15}{s['tokens_per_second']:>9.1f}{fmt(s['speedup_median'], '>9.2f')}{fmt(s['tau'], '>7.2f')}"
                      f"{s['draft_seconds']:>9.2f}{s['verify_seconds']:>10.2f}{fmt(s['other_seconds'], '>9.2f')}  "
-                     f"{s['identical_to_plain']}")
+                     f"{same}{'' if ref == PLAIN or system == ref else f' vs {ref}'}")
     return "\n".join(lines)
 
 

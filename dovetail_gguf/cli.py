@@ -55,6 +55,10 @@ def target_options(f):
     f = click.option("--ctx-size", "ctx_size", type=click.IntRange(min=16), default=4096, show_default=True, help="Target context length in tokens.")(f)
     f = click.option("--target-gpu-layers", "gpu_layers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Target layers to offload to a GPU (needs llama-cpp-python built with CUDA).")(f)
+    f = click.option("--exact", is_flag=True,
+                     help="Exact mode: no repacked weight layouts, so greedy output is bit-identical to plain "
+                          "decoding in the same mode. Default: the fastest kernels, lossless up to kernel "
+                          "rounding (a near-tie of the top two logits can flip).")(f)
     return f
 
 
@@ -96,15 +100,16 @@ class TargetChoice:
     threads: int | None
     ctx_size: int
     gpu_layers: int
+    exact: bool
 
     @classmethod
     def take(cls, kw: dict) -> "TargetChoice":
-        return cls(kw.pop("target"), kw.pop("threads"), kw.pop("ctx_size"), kw.pop("gpu_layers"))
+        return cls(kw.pop("target"), kw.pop("threads"), kw.pop("ctx_size"), kw.pop("gpu_layers"), kw.pop("exact"))
 
     def config(self):
         from .target import TargetConfig
 
-        return TargetConfig(n_ctx=self.ctx_size, n_threads=self.threads, n_gpu_layers=self.gpu_layers)
+        return TargetConfig(n_ctx=self.ctx_size, n_threads=self.threads, n_gpu_layers=self.gpu_layers, exact=self.exact)
 
     def path(self) -> Path:
         from .models import resolve_target
@@ -131,7 +136,7 @@ class DraftChoice:
                                          "tree_topk", "fixed_tree")))
 
     def tree(self):
-        from .engine import TreeConfig
+        from .types import TreeConfig
 
         return TreeConfig(self.tree_tokens, self.tree_depth, self.tree_topk)
 
@@ -420,7 +425,7 @@ def bench(prompts_file, n_prompts, max_tokens, chat, systems, json_out, plot_out
     prompts = file_prompts(prompts_file, n_prompts) if prompts_file else humaneval_prompts(n_prompts)
     report = run_bench(prompts, target.path(), draft.draft, max_tokens=max_tokens, threads=target.threads,
                        device=draft.device, tree=draft.tree(), n_ctx=target.ctx_size, systems=chosen,
-                       adaptive=not draft.fixed_tree, chat=chat, ngram=draft.ngram)
+                       adaptive=not draft.fixed_tree, chat=chat, ngram=draft.ngram, exact=target.exact)
     click.echo(format_table(report["summary"]))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,49 @@ def _read_all() -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
+def load_exact_rows(target) -> int | None:
+    """The cached result of :func:`probe_exact_rows` for this target and settings, or None."""
+    value = _read_all().get(cost_key(target) + "/exact_rows")
+    return value if isinstance(value, int) and value >= 1 else None
+
+
+def save_exact_rows(target, rows: int) -> None:
+    _write_entry(cost_key(target) + "/exact_rows", int(rows))
+
+
+def probe_exact_rows(target, limit: int, sizes=(4, 8, 16, 32, 64)) -> int:
+    """The largest batch, in rows (at most ``limit``), found to compute every row bit for bit as a
+    one-token decode does.
+
+    llama.cpp may switch matrix kernels with the batch size (measured on an AVX2-only CPU: K-quant
+    weights, from 8 rows on), which changes the last bits. Chains of random tokens after the current
+    context are decoded both ways, size by size; at the first size that differs, the size just below
+    it is tried once. Leaves the cache as it was.
+    """
+    n_past = target.n_past
+    room = min(target.n_ctx, target.n_cells) - n_past
+    rng = np.random.default_rng(1)
+
+    def agrees(n: int) -> bool:
+        tokens = rng.integers(0, target.n_vocab, size=n).astype(np.int32)
+        single = []
+        for tok in tokens:
+            logits, _ = target.decode_one(int(tok))
+            single.append(logits.copy())
+        target.truncate(n_past)
+        res = target.verify_tree(tokens, np.arange(-1, n - 1))
+        same = bool((res.logits == np.stack(single)).all())
+        target.truncate(n_past)
+        return same
+
+    exact = 1
+    for n in (k for k in sizes if k <= min(limit, room)):
+        if not agrees(n):
+            return n - 1 if n - 1 > exact and agrees(n - 1) else exact
+        exact = n
+    return exact
+
+
 def load_costs(target) -> dict[int, float] | None:
     """Cached t(k) in ms for this target and settings, or None."""
     entry = _read_all().get(cost_key(target))
@@ -78,11 +121,15 @@ def load_costs(target) -> dict[int, float] | None:
 
 def save_costs(target, costs: dict[int, float]) -> None:
     """Store t(k) for this target and settings (atomically; a cache that cannot be written is only logged)."""
+    _write_entry(cost_key(target), {str(k): round(v, 4) for k, v in sorted(costs.items())})
+
+
+def _write_entry(key: str, value) -> None:
     path = _costs_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         doc = _read_all()
-        doc[cost_key(target)] = {str(k): round(v, 4) for k, v in sorted(costs.items())}
+        doc[key] = value
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1)

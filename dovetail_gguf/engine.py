@@ -9,116 +9,37 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator
 
 import numpy as np
 
 from .accept import SamplingParams, accept_greedy, accept_sampling, sample_token
-from .costs import interpolate, load_costs, measure_costs, save_costs, update_cost
+from .costs import (
+    interpolate,
+    load_costs,
+    load_exact_rows,
+    measure_costs,
+    probe_exact_rows,
+    save_costs,
+    save_exact_rows,
+    update_cost,
+)
 from .errors import ContextFullError, InvalidArgumentError
 from .ngram import lookup as ngram_lookup
 from .ngram import merge_chain
 from .policy import ChainPolicy, TreePolicy
 from .target import Target
 from .text import Detokenizer, StopMatcher
+from .types import (  # noqa: F401  (re-exported: the engine's vocabulary)
+    Drafter,
+    DraftTree,
+    GenerateOptions,
+    GenerationResult,
+    GenerationStats,
+    TreeConfig,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TreeConfig:
-    """Size of the draft tree. Defaults are Dovetail's: 16 draft tokens, depth 7, top-k 10."""
-
-    tokens: int = 16  # draft nodes, the root not counted
-    depth: int = 7
-    topk: int = 10
-
-    def validate(self, max_nodes: int | None = None) -> None:
-        if self.tokens < 1 or self.depth < 1 or self.topk < 1:
-            raise InvalidArgumentError("tree tokens, depth and top-k must all be >= 1")
-        if max_nodes is not None and self.tokens + 1 > max_nodes:
-            raise InvalidArgumentError(f"a tree of {self.tokens} draft tokens exceeds the target's {max_nodes - 1}")
-
-
-@dataclass
-class DraftTree:
-    """A proposed tree: node 0 is the root (the last accepted token), parents precede children."""
-
-    tokens: np.ndarray  # [n] int32 target token ids
-    parents: np.ndarray  # [n] int32, -1 for the root
-    scores: np.ndarray  # [n] float32 cumulative draft log-probability (root 0)
-
-
-class Drafter(Protocol):
-    """What the engine needs from a draft model."""
-
-    def trim(self, n_pairs: int) -> int:
-        """Keep at most the first ``n_pairs`` committed (feature, token) pairs; return how many it holds."""
-
-    def propose(self, features: np.ndarray, tokens: np.ndarray, tree: TreeConfig) -> DraftTree:
-        """Commit the new pairs (feature of position t-1, token at t), the last one being the
-        root, and draft a tree below the root token ``tokens[-1]``."""
-
-
-@dataclass
-class GenerationStats:
-    n_prompt_tokens: int = 0
-    n_tokens: int = 0
-    rounds: int = 0
-    accepted_tokens: int = 0  # tokens emitted by rounds (bonus included)
-    prefill_seconds: float = 0.0
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
-    total_seconds: float = 0.0
-    peak_gpu_memory_bytes: int | None = None
-
-    @property
-    def decode_seconds(self) -> float:
-        return self.total_seconds - self.prefill_seconds
-
-    @property
-    def other_seconds(self) -> float:
-        return max(0.0, self.decode_seconds - self.draft_seconds - self.verify_seconds)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.n_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    @property
-    def mean_accepted_tokens(self) -> float:
-        """τ: tokens a round emits on average, the target's bonus token included."""
-        return self.accepted_tokens / self.rounds if self.rounds else 0.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(
-            decode_seconds=self.decode_seconds,
-            other_seconds=self.other_seconds,
-            tokens_per_second=self.tokens_per_second,
-            mean_accepted_tokens=self.mean_accepted_tokens,
-        )
-        return d
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens) or "context_full"
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-@dataclass
-class GenerateOptions:
-    max_tokens: int = 256
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: Sequence[str] = ()
-
-    def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidArgumentError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        self.sampling.validate()
 
 
 class Generation:
@@ -134,6 +55,44 @@ class Generation:
     def close(self) -> None:
         """Stop early (e.g. a client went away); the engine is free again at once."""
         self._it.close()
+
+
+class _Output:
+    """What a generation has emitted: tokens, text pieces, and why it ended (None while running)."""
+
+    def __init__(self, target: Target, options: GenerateOptions):
+        self.tokens: list[int] = []
+        self.parts: list[str] = []
+        self.finish: str | None = None
+        self._stop_hit = False
+        self._is_eog = target.is_eog
+        self._detok = Detokenizer(target.token_bytes)
+        self._stops = StopMatcher(options.stop)
+        self._max_tokens = options.max_tokens
+
+    def emit(self, tokens: list[int]) -> Iterator[str]:
+        """Text of ``tokens``, stopping exactly where EOS, a stop string or max_tokens hits."""
+        for tok in tokens:
+            if self._is_eog(tok):
+                self.finish = "stop"
+                return
+            self.tokens.append(int(tok))
+            piece, hit = self._stops.feed(self._detok.push(tok))
+            if piece:
+                self.parts.append(piece)
+                yield piece
+            if hit:
+                self.finish, self._stop_hit = "stop", True
+                return
+            if len(self.tokens) >= self._max_tokens:
+                self.finish = "length"
+                return
+
+    def tail(self) -> str:
+        """Text held back (an incomplete UTF-8 sequence, a possible stop string's start), unless a stop hit."""
+        if self._stop_hit:
+            return ""
+        return self._stops.feed(self._detok.flush())[0] + self._stops.flush()
 
 
 class Engine:
@@ -167,6 +126,8 @@ class Engine:
         # target hidden state of every committed position, so a drafter can resume after prefix reuse
         self._hidden = np.zeros((self.target.n_ctx, self.target.n_embd), dtype=np.float32) if drafter else None
         self._fresh_drafter = drafter is not None  # nothing of the target's cache may be reused for it yet
+        self._draft_len = 0  # pairs the drafter holds during a generation
+        self._max_nodes: int | None = None  # exact mode: the largest tree computed like one-token decodes
         self._device_stats = getattr(drafter, "peak_memory_bytes", None)
 
     def check_prompt(self, prompt_tokens) -> np.ndarray:
@@ -235,6 +196,18 @@ class Engine:
         if self.policy is not None:
             self.policy.costs_changed(n)
 
+    def _exact_rows(self) -> int:
+        """In exact mode: the largest tree whose rows the target computes as one-token decodes (cached)."""
+        t = self.target
+        limit = min(t.max_tree_nodes, self.tree.tokens + 1 + (self.chain_policy.max_len if self.ngram else 0))
+        rows = load_exact_rows(t)
+        if rows is None:
+            rows = probe_exact_rows(t, limit)
+            if min(t.n_ctx, t.n_cells) - t.n_past >= limit:  # a complete probe: keep it
+                save_exact_rows(t, rows)
+            log.info("exact mode: trees of up to %d rows match one-token decoding here", rows)
+        return max(1, min(rows, limit))
+
     def _make_policy(self) -> TreePolicy | None:
         costs = self._costs()
         return None if costs is None else TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, costs)
@@ -263,10 +236,10 @@ class Engine:
         return self.drafter.propose(feats, pair_tokens, tree)
 
     def _tree_step(self, root: int, proposal: DraftTree | None, chain: np.ndarray, params: SamplingParams, rng,
-                   stats: GenerationStats) -> tuple[list[int], int, int]:
+                   stats: GenerationStats) -> tuple[list[int], int, int, int]:
         """Verify the draft tree (or just the root) with ``chain`` added as a branch; accept; commit.
 
-        Returns (tokens emitted, draft-tree depth accepted, chain tokens accepted).
+        Returns (tokens emitted, depth the draft tree reached, its nodes accepted, chain tokens accepted).
         """
         t = self.target
         tokens = proposal.tokens if proposal is not None else np.array([root], dtype=np.int32)
@@ -284,11 +257,12 @@ class Engine:
             self._hidden[t.n_past : t.n_past + acc.path.size] = res.hidden[acc.path]
         t.commit(acc.path)
         stats.verify_seconds += time.perf_counter() - tv
+        reached = int(res.layout.depth[:n_tree].max())  # levels the draft tree really had
         on_tree = int(np.argmin(np.append(acc.path[1:] < n_tree, False)))  # accepted nodes of the draft tree
         on_chain = int(np.isin(acc.path[1:], chain_nodes).sum())
         pending = [*res.layout.tokens[acc.path[1:]].tolist(), acc.next_token]
         stats.accepted_tokens += len(pending)
-        return pending, on_tree, on_chain
+        return pending, reached, on_tree, on_chain
 
     def _chain(self, root: int, room: int, n_tree_nodes: int, tree_expected: float) -> np.ndarray:
         """The n-gram branch for this round (maybe empty), as long as it pays next to the draft tree."""
@@ -301,92 +275,84 @@ class Engine:
         return found[:length]
 
     def _generate(self, prompt: np.ndarray, options: GenerateOptions, handle: Generation) -> Iterator[str]:
-        t, drafter, params = self.target, self.drafter, options.sampling
+        t, params = self.target, options.sampling
         rng = np.random.default_rng(params.seed)
         stats = GenerationStats(n_prompt_tokens=int(prompt.size))
-        out: list[int] = []
-        detok = Detokenizer(t.token_bytes)
-        stops = StopMatcher(options.stop)
-        text_parts: list[str] = []
-        finish, stop_hit = "length", False
+        out = _Output(t, options)
         t0 = time.perf_counter()
         try:
-            logits, draft_len = self._prefill(prompt)  # draft_len: pairs the drafter holds
+            logits, self._draft_len = self._prefill(prompt)  # pairs the drafter holds
             stats.prefill_seconds = time.perf_counter() - t0
-            if drafter is not None and self.adaptive and self.policy is None:
-                self.policy = self._make_policy()
-            if self.ngram and self.adaptive and self._verify_ms is None:
+            if self.target.config.exact and self._max_nodes is None:
+                self._max_nodes = self._exact_rows()
+            if self.adaptive and self.drafter is not None and self.policy is None:
+                self.policy = self._make_policy()  # measures t(k) unless cached
+            elif self.adaptive and self.ngram:
                 self._costs()
             pending = [sample_token(logits, params, rng)]
             while True:
-                # 1. emit what the last step produced, stopping exactly where a stop condition hits
-                done = False
-                for tok in pending:
-                    if t.is_eog(tok):
-                        finish, done = "stop", True
-                        break
-                    out.append(int(tok))
-                    piece, hit = stops.feed(detok.push(tok))
-                    if piece:
-                        text_parts.append(piece)
-                        yield piece
-                    if hit:
-                        finish, done, stop_hit = "stop", True, True
-                        break
-                    if len(out) >= options.max_tokens:
-                        finish, done = "length", True
-                        break
-                if done:
+                yield from out.emit(pending)  # 1. what the last step produced, up to a stop condition
+                if out.finish:
                     break
-                root = pending[-1]
                 room = min(t.n_ctx, t.n_cells) - t.n_past
                 if room < 1:
-                    finish = "context_full"
+                    out.finish = "context_full"
                     break
                 stats.rounds += 1
-                # 2. what to verify: the draft tree (if it pays) and the n-gram branch (if it pays);
-                # trees stay inside the attention window a plain step would use: bit-identical logits
-                free_cells = min(t.n_cells - t.n_past, t.window_room)
-                tree = self._next_tree(room, free_cells) if drafter is not None else None
-                proposal = None
-                if tree is not None:
-                    if self._hidden is not None and draft_len > t.n_past:  # cannot happen; guards the slice below
-                        draft_len = t.n_past
-                    td = time.perf_counter()
-                    proposal = self._draft(root, tree, draft_len)
-                    draft_ms = 1000 * (time.perf_counter() - td)
-                    stats.draft_seconds += draft_ms / 1000
-                    steady = t.n_past - draft_len + 1 <= tree.depth + 1  # catching up is not a typical draft cost
-                    draft_len = t.n_past
-                n_tree = proposal.tokens.size if proposal is not None else 1
-                chain = np.zeros(0, dtype=np.int32)
-                if self.ngram and room >= 2 and free_cells >= n_tree + 1:
-                    expected = self.policy.expected(tree.depth) if (self.policy is not None and tree is not None) else float(n_tree > 1) + 1.0
-                    chain = self._chain(root, min(room, free_cells - n_tree + 1), n_tree, expected)
-                if proposal is None and chain.size == 0:
-                    pending = self._plain_step(root, params, rng, stats)  # 3a. a plain step
-                    continue
-                # 3b. one verification of everything proposed
-                pending, on_tree, on_chain = self._tree_step(root, proposal, chain, params, rng, stats)
-                if self.policy is not None and tree is not None:
-                    self.policy.observe(tree.depth, on_tree, draft_ms if steady else None)
-                if chain.size:
-                    self.chain_policy.observe(chain.size, on_chain)
+                pending = self._round(pending[-1], room, params, rng, stats)  # 2. one round
         finally:
             if self._costs_dirty:  # what this generation measured serves the next process too
                 save_costs(t, self._verify_ms)
                 self._costs_dirty = False
-            tail = "" if stop_hit else stops.feed(detok.flush())[0] + stops.flush()
+            tail = out.tail()
             stats.total_seconds = time.perf_counter() - t0
-            stats.n_tokens = len(out)
+            stats.n_tokens = len(out.tokens)
             if self._device_stats is not None:
                 stats.peak_gpu_memory_bytes = self._device_stats()
-            handle.result = GenerationResult("".join(text_parts) + tail, out, finish, stats)
+            handle.result = GenerationResult("".join(out.parts) + tail, out.tokens, out.finish or "length", stats)
         if tail:
             yield tail
 
+    def _round(self, root: int, room: int, params: SamplingParams, rng, stats: GenerationStats) -> list[int]:
+        """Propose (draft tree and n-gram branch, each only where it pays), verify once, accept, commit.
+
+        Returns the tokens the round emits. Trees stay inside the attention window a plain step
+        would use, so their logits are bit-identical to plain decoding's.
+        """
+        t, drafter = self.target, self.drafter
+        free_cells = min(t.n_cells - t.n_past, t.window_room)
+        within_reach = drafter is not None and t.n_past <= getattr(drafter, "max_positions", t.n_ctx)  # else plain
+        tree = self._next_tree(room, free_cells) if within_reach else None
+        proposal, draft_ms, steady = None, None, False
+        if tree is not None:
+            steady = t.n_past - self._draft_len <= self.tree.depth  # catching up on many positions is not typical
+            td = time.perf_counter()
+            proposal = self._draft(root, tree, self._draft_len)
+            draft_ms = 1000 * (time.perf_counter() - td)
+            stats.draft_seconds += draft_ms / 1000
+            self._draft_len = t.n_past
+        n_tree = proposal.tokens.size if proposal is not None else 1
+        chain = np.zeros(0, dtype=np.int32)
+        free_cells = min(free_cells, self._node_limit())  # a chain fills at most what is left of the limit
+        if self.ngram and room >= 2 and free_cells > n_tree:
+            expected = self.policy.expected(tree.depth) if (self.policy is not None and tree is not None) else 1.0
+            chain = self._chain(root, min(room, free_cells - n_tree + 1), n_tree, expected)
+        if proposal is None and chain.size == 0:
+            return self._plain_step(root, params, rng, stats)
+        pending, reached, on_tree, on_chain = self._tree_step(root, proposal, chain, params, rng, stats)
+        if self.policy is not None and tree is not None:
+            self.policy.observe(reached, on_tree, draft_ms if steady else None)
+        if chain.size:
+            self.chain_policy.observe(chain.size, on_chain)
+        return pending
+
+    def _node_limit(self) -> int:
+        """Most nodes (root included) one verification may hold."""
+        return self._max_nodes or self.target.max_tree_nodes
+
     def _next_tree(self, room: int, free_cells: int) -> TreeConfig | None:
         """This round's tree: the policy's choice (or the configured tree), fitted to the room left."""
+        free_cells = min(free_cells, self._node_limit())
         if room < 2 or free_cells < 2:
             return None
         if self.adaptive and self.policy is None:

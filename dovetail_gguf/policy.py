@@ -135,9 +135,12 @@ class ChainPolicy:
     _reach: np.ndarray = field(default=None, repr=False)
     _rounds: int = 0
     _skipped: int = 0
+    _probe_gap: int = 0
+    _probing: bool = False
 
     def __post_init__(self) -> None:
         self._reach = np.array([1.0] + [0.6 ** d for d in range(1, self.max_len + 1)])
+        self._probe_gap = self.probe_every
 
     def choose(self, available: int, cost, base_nodes: int = 1, base_expected: float = 1.0) -> int:
         """Chain length (0 = none) that maximizes tokens per ms, given a tree of ``base_nodes`` nodes (root
@@ -155,12 +158,16 @@ class ChainPolicy:
                 best_len, best_speed = length, speed
         if best_len == 0 and available > 0:
             self._skipped += 1
-            if self._skipped >= self.probe_every:  # look again: the text may have turned repetitive
-                self._skipped = 0
-                return min(available, 2)
+            if self._skipped >= self._probe_gap:  # look again: the text may have turned repetitive
+                self._skipped, self._probing = 0, True
+                return 1 + int(np.argmax([gain[n] / cost(base_nodes + n + 1) for n in range(gain.shape[0])]))
         return best_len
 
     def observe(self, length: int, accepted: int) -> None:
         """A verified chain of ``length`` tokens of which the first ``accepted`` were accepted."""
         self._rounds += 1
         self._reach = update_reach(self._reach, min(length, self.max_len), accepted, 0.5 if self._rounds <= 5 else 0.2)
+        if self._probing:  # a probe that found little waits twice as long for the next one
+            good = accepted >= max(1, length // 2)
+            self._probe_gap = self.probe_every if good else min(2 * self._probe_gap, 16 * self.probe_every)
+            self._probing = False

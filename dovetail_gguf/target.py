@@ -42,6 +42,11 @@ class TargetConfig:
     max_tree_nodes: int = 64
     max_tree_paths: int = 64  # leaves per tree; llama.cpp allows 255
     use_extra_buffers: bool | None = None  # None: automatic (off only where AMX kernels crash)
+    # exact: no repacked weight layouts, so a tree row is computed by the same kernels as a one-token
+    # decode and greedy output is bit-identical to llama.cpp's plain decoding with the same setting.
+    # Off (fast): the fastest kernels; a batch row can then differ from a one-token decode in the last
+    # bits, which flips the argmax only at near-ties of the top two logits.
+    exact: bool = False
     unified_kv: bool = True  # trees need it; independent sequences (decode_rows) run faster without
 
     def validate(self) -> None:
@@ -167,7 +172,7 @@ class Target:
 
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = config.n_gpu_layers
-        use_extra = config.use_extra_buffers
+        use_extra = False if config.exact else config.use_extra_buffers
         if use_extra is None:
             use_extra = extra_buffers_safe(str(self.path))
         mp.use_extra_bufts = self.extra_buffers = bool(use_extra)

@@ -48,7 +48,7 @@ def test_chain_policy_learns_from_acceptance():
     steep = lambda k: 10.0 * k  # noqa: E731  (every row costs a full decode: nothing pays)
     fresh = ChainPolicy(max_len=8)
     assert all(fresh.choose(8, steep) == 0 for _ in range(fresh.probe_every - 1))
-    assert fresh.choose(8, steep) == 2  # but a probe comes now and then
+    assert fresh.choose(8, steep) >= 1  # but a probe comes now and then
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,13 @@ import logging
 import numpy as np
 import torch
 
-from ..engine import DraftTree, TreeConfig
+from ..errors import ContextFullError, InvalidArgumentError
+from ..types import DraftTree, TreeConfig
 from .model import DraftKVCache, DraftModel
 
 log = logging.getLogger(__name__)
+
+MAX_TREE_DEPTH = 64
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -34,8 +37,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        from ..errors import InvalidArgumentError
-
         raise InvalidArgumentError("--device cuda was asked for, but torch sees no CUDA GPU")
     return torch.device(device)
 
@@ -65,6 +66,28 @@ def order_best_first(parents: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.asarray(order, dtype=np.int64)
 
 
+class _Pool:
+    """Every candidate of one drafting round, flat: level 1 holds k entries, each later level k * k."""
+
+    def __init__(self, k: int, depth: int, device: torch.device):
+        capacity = k + (depth - 1) * k * k
+        self.tokens = torch.empty(capacity, dtype=torch.long, device=device)  # draft-vocabulary ids
+        self.scores = torch.empty(capacity, dtype=torch.float32, device=device)  # cumulative log-probability
+        self.parents = torch.empty(capacity, dtype=torch.long, device=device)  # pool index, -1 below the root
+        self.depths = torch.empty(capacity, dtype=torch.long, device=device)
+        self.size = 0
+
+    def add(self, tokens: torch.Tensor, scores: torch.Tensor, parents: torch.Tensor, depth: int) -> int:
+        """Append one level of candidates; returns the pool index of its first entry."""
+        lo, n = self.size, tokens.shape[0]
+        self.tokens[lo : lo + n] = tokens
+        self.scores[lo : lo + n] = scores
+        self.parents[lo : lo + n] = parents
+        self.depths[lo : lo + n] = depth
+        self.size += n
+        return lo
+
+
 class TreeDrafter:
     """A draft model with its KV cache on a device, proposing trees for the engine."""
 
@@ -72,8 +95,9 @@ class TreeDrafter:
         self.device = device
         self.dtype = dtype or default_dtype(device)
         self.model = model.to_inference(device, self.dtype)
-        self.max_tree_slots = 64 * 64  # (depth - 1) * topk for any accepted TreeConfig
-        self.max_positions = min(max_positions, model.cfg.max_positions - 1)
+        self.max_tree_slots = MAX_TREE_DEPTH * 64  # (depth - 1) * topk for any accepted TreeConfig (topk <= 64)
+        # pairs it can hold: tree nodes sit up to MAX_TREE_DEPTH positions past the last pair, inside the RoPE table
+        self.max_positions = max(0, min(max_positions, model.cfg.max_positions - 1 - MAX_TREE_DEPTH))
         self.cache = DraftKVCache(model.cfg, self.max_positions + self.max_tree_slots, device, self.dtype)
         self._pin = device.type == "cuda"
 
@@ -92,65 +116,55 @@ class TreeDrafter:
 
     @torch.inference_mode()
     def propose(self, features: np.ndarray, tokens: np.ndarray, tree: TreeConfig) -> DraftTree:
+        """Commit the new pairs (``features`` [m, d], ``tokens`` [m], the last one the root) and draft a tree."""
         model, cache, dev = self.model, self.cache, self.device
         m = int(tokens.shape[0])
         start = cache.length
         if start + m > self.max_positions:
-            raise ValueError("the draft's context is full")
+            raise ContextFullError(f"the draft holds at most {self.max_positions} positions; decode plainly past them")
+        if tree.depth > MAX_TREE_DEPTH:
+            raise InvalidArgumentError(f"tree depth {tree.depth} exceeds {MAX_TREE_DEPTH}")
         # 1. commit the new pairs; row r holds the pair of position r + 1
         rows = torch.arange(start, start + m, device=dev)
         cache.set_used(start + m)
-        mask = torch.arange(start + m, device=dev)[None, :] <= rows[:, None]
+        mask = torch.arange(start + m, device=dev)[None, :] <= rows[:, None]  # [m, start + m] causal
         out = model(self._to_device(features)[None], torch.from_numpy(tokens.astype(np.int64)).to(dev)[None],
-                    (rows + 1)[None], mask, cache, rows)
+                    (rows + 1)[None], mask, cache, rows)  # [1, m, d]
         cache.length = committed = start + m
-        root_pos = committed  # position of the root token
-        k = tree.topk
+        # 2. expand the best k frontier nodes level by level; the pool keeps every candidate
+        k = min(tree.topk, model.cfg.head_vocab)
+        pool = _Pool(k, tree.depth, dev)
         logp = torch.log_softmax(model.logits(out[0, -1:]).float(), dim=-1)  # [1, V']
-        k = min(k, logp.shape[-1])
-        top_p, top_i = logp.topk(k, dim=-1)
-        # candidate pool (device): token (draft ids), cumulative score, parent pool index (-1 root), depth
-        pool_tok, pool_score = [top_i[0]], [top_p[0]]
-        pool_parent = [torch.full((k,), -1, device=dev, dtype=torch.long)]
-        pool_depth = [torch.ones(k, device=dev, dtype=torch.long)]
-        frontier = torch.arange(k, device=dev)  # pool indices of the nodes to expand next
-        frontier_feat = out[0, -1:].expand(k, -1)  # the parent's predicted feature, per frontier node
-        pool_size = k
-        anc = torch.ones(k, 0, dtype=torch.bool, device=dev)  # frontier x tree slots: ancestors
-        slot0 = committed
+        top_p, top_i = logp.topk(k, dim=-1)  # [1, k]
+        first = pool.add(top_i[0], top_p[0], torch.full((k,), -1, device=dev, dtype=torch.long), depth=1)
+        frontier = torch.arange(first, first + k, device=dev)  # [k] pool indices of the nodes to expand next
+        frontier_feat = out[0, -1:].expand(k, -1)  # [k, d]: the parent's predicted feature per frontier node
+        anc = torch.ones(k, 0, dtype=torch.bool, device=dev)  # [k, tree slots so far]: ancestors of each frontier node
         for depth in range(1, tree.depth):
             n_slots = anc.shape[1]
-            slots = torch.arange(slot0 + n_slots, slot0 + n_slots + k, device=dev)
-            anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev)], dim=1)
-            cache.set_used(slot0 + n_slots + k)
-            mask = torch.cat([torch.ones(k, committed, dtype=torch.bool, device=dev), anc], dim=1)
-            cand_tok = torch.cat(pool_tok)[frontier]
-            positions = torch.full((1, k), root_pos + depth, device=dev)
-            feats = model(frontier_feat[None], model.d2t[cand_tok][None], positions, mask, cache, slots)[0]
+            slots = torch.arange(committed + n_slots, committed + n_slots + k, device=dev)  # [k] scratch rows
+            anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev)], dim=1)  # [k, n_slots + k]
+            cache.set_used(committed + n_slots + k)
+            mask = torch.cat([torch.ones(k, committed, dtype=torch.bool, device=dev), anc], dim=1)  # [k, used]
+            positions = torch.full((1, k), committed + depth, device=dev)  # the root sits at position `committed`
+            feats = model(frontier_feat[None], model.d2t[pool.tokens[frontier]][None], positions, mask, cache, slots)[0]
             logp = torch.log_softmax(model.logits(feats).float(), dim=-1)  # [k, V']
             child_p, child_i = logp.topk(k, dim=-1)  # [k, k]
-            scores = torch.cat(pool_score)[frontier][:, None] + child_p
-            pool_tok.append(child_i.reshape(-1))
-            pool_score.append(scores.reshape(-1))
-            pool_parent.append(frontier[:, None].expand(k, k).reshape(-1))
-            pool_depth.append(torch.full((k * k,), depth + 1, device=dev, dtype=torch.long))
-            best = scores.reshape(-1).topk(k).indices  # the next frontier, among these k*k
+            scores = pool.scores[frontier][:, None] + child_p  # [k, k] cumulative
+            first = pool.add(child_i.reshape(-1), scores.reshape(-1), frontier[:, None].expand(k, k).reshape(-1),
+                             depth=depth + 1)
+            best = scores.reshape(-1).topk(k).indices  # [k] the next frontier, among these k*k
             parent_row = best // k
-            frontier = pool_size + best
+            frontier = first + best
             frontier_feat = feats[parent_row]
             anc = anc[parent_row]
-            pool_size += k * k
         cache.set_used(committed)  # drop the scratch rows: the cache holds committed pairs only
         # 3. the best `tree.tokens` candidates; depth breaks score ties so parents rank first
-        score = torch.cat(pool_score)
-        depth_all = torch.cat(pool_depth)
-        n_sel = min(tree.tokens, score.shape[0])
-        key = score - depth_all.to(score.dtype) * 1e-6
+        n_sel = min(tree.tokens, pool.size)
+        key = pool.scores[: pool.size] - pool.depths[: pool.size].to(pool.scores.dtype) * 1e-6
         sel = key.topk(n_sel).indices
-        sel_tok = model.d2t[torch.cat(pool_tok)[sel]]
-        sel_parent = torch.cat(pool_parent)[sel]
-        packed = torch.stack([sel, sel_tok, sel_parent]).cpu().numpy()  # the only device -> host copy
-        sel_score = score[sel].float().cpu().numpy()
+        packed = torch.stack([sel, model.d2t[pool.tokens[sel]], pool.parents[sel]]).cpu().numpy()  # the only device -> host copy
+        sel_score = pool.scores[sel].float().cpu().numpy()
         return self._assemble(int(tokens[-1]), packed, sel_score)
 
     @staticmethod

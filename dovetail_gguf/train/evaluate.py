@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..engine import TreeConfig
+from ..types import TreeConfig
 
 log = logging.getLogger(__name__)
 

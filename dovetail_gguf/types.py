@@ -1,0 +1,121 @@
+"""The types the engine, the drafters, the API and the server share.
+
+Configs and results as dataclasses, and the :class:`Drafter` protocol that
+a draft model implements. Nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .accept import SamplingParams
+from .errors import InvalidArgumentError
+
+
+@dataclass
+class TreeConfig:
+    """Size of the draft tree. Defaults are Dovetail's: 16 draft tokens, depth 7, top-k 10."""
+
+    tokens: int = 16  # draft nodes, the root not counted
+    depth: int = 7
+    topk: int = 10
+
+    def validate(self, max_nodes: int | None = None) -> None:
+        if self.tokens < 1 or self.depth < 1 or self.topk < 1:
+            raise InvalidArgumentError("tree tokens, depth and top-k must all be >= 1")
+        if self.depth > 64 or self.topk > 64:
+            raise InvalidArgumentError("tree depth and top-k must be at most 64")
+        if max_nodes is not None and self.tokens + 1 > max_nodes:
+            raise InvalidArgumentError(f"a tree of {self.tokens} draft tokens exceeds the target's {max_nodes - 1}")
+
+
+@dataclass
+class DraftTree:
+    """A proposed tree: node 0 is the root (the last accepted token), parents precede children."""
+
+    tokens: np.ndarray  # [n] int32 target token ids
+    parents: np.ndarray  # [n] int32, -1 for the root
+    scores: np.ndarray  # [n] float32 cumulative draft log-probability (root 0)
+
+
+class Drafter(Protocol):
+    """What the engine needs from a draft model.
+
+    Lossless sampling relies on one requirement: the tree's children must be a
+    deterministic function of the drafter's state (its top-k, say), never
+    sampled, because acceptance treats each child as a one-point draft (see
+    accept.py). ``max_positions`` is how many committed pairs the drafter can
+    hold; past it the engine decodes plainly.
+    """
+
+    max_positions: int
+
+    def trim(self, n_pairs: int) -> int:
+        """Keep at most the first ``n_pairs`` committed (feature, token) pairs; return how many it holds."""
+
+    def propose(self, features: np.ndarray, tokens: np.ndarray, tree: TreeConfig) -> DraftTree:
+        """Commit the new pairs (feature of position t-1, token at t), the last one being the
+        root, and draft a tree below the root token ``tokens[-1]``."""
+
+
+@dataclass
+class GenerationStats:
+    n_prompt_tokens: int = 0
+    n_tokens: int = 0
+    rounds: int = 0
+    accepted_tokens: int = 0  # tokens emitted by rounds (bonus included)
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    total_seconds: float = 0.0
+    peak_gpu_memory_bytes: int | None = None
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.total_seconds - self.prefill_seconds
+
+    @property
+    def other_seconds(self) -> float:
+        return max(0.0, self.decode_seconds - self.draft_seconds - self.verify_seconds)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """τ: tokens a round emits on average, the target's bonus token included."""
+        return self.accepted_tokens / self.rounds if self.rounds else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            decode_seconds=self.decode_seconds,
+            other_seconds=self.other_seconds,
+            tokens_per_second=self.tokens_per_second,
+            mean_accepted_tokens=self.mean_accepted_tokens,
+        )
+        return d
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens) or "context_full"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class GenerateOptions:
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidArgumentError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        self.sampling.validate()
