@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,8 +261,17 @@ def chat(system: str | None, **kw) -> None:
         if cmd == "/stats":
             click.echo(json.dumps(last.stats.to_dict(), indent=1) if last else "(no answer yet)", err=True)
             continue
-        history.append({"role": "user", "content": line})
-        stream = dt.chat(history, stream=True, **skw)
+        try:  # a message that cannot be answered is refused; the session goes on
+            fitted = fit_history(dt, history + [{"role": "user", "content": line}], len(start), skw["max_tokens"])
+            if fitted is None:
+                raise DovetailError("that message alone does not fit the context; send a shorter one")
+            if len(fitted) < len(history) + 1:
+                click.echo(f"(the oldest {(len(history) + 1 - len(fitted)) // 2} turn(s) left the context)", err=True)
+            stream = dt.chat(fitted, stream=True, **skw)
+        except DovetailError as e:
+            click.echo(f"error: {e}", err=True)
+            continue
+        history = fitted
         try:
             for piece in stream:
                 click.echo(piece, nl=False)
@@ -276,6 +286,18 @@ def chat(system: str | None, **kw) -> None:
             history.pop()
 
 
+def fit_history(dt, history: list[dict], n_fixed: int, max_tokens: int) -> list[dict] | None:
+    """``history`` without its oldest turns (the first ``n_fixed`` messages kept) until the prompt leaves
+    room for an answer; None if even the last message alone does not fit."""
+    room = dt.target.n_ctx - min(max_tokens, dt.target.n_ctx // 2)
+    while True:
+        if len(dt.chat_prompt_tokens(history)) <= room:
+            return history
+        if len(history) - n_fixed <= 1:
+            return None
+        history = history[:n_fixed] + history[n_fixed + 2:]  # drop the oldest user/assistant pair
+
+
 # ---------------------------------------------------------------------- draft
 @main.group()
 def draft() -> None:
@@ -285,7 +307,8 @@ def draft() -> None:
 @draft.command("init")
 @click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name the draft is for (default: the default target).")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), required=True, help="Folder to write (config.json + model.safetensors).")
-@click.option("--layers", type=click.IntRange(1, 64), default=4, show_default=True, help="Decoder layers (Dovetail uses a deep draft; EAGLE uses 1).")
+@click.option("--layers", type=click.IntRange(1, 64), default=TRAIN_DEFAULTS.n_layer, show_default=True,
+              help="Decoder layers (Dovetail's paper uses a deep draft; EAGLE uses 1).")
 @click.option("--fusion", type=click.Choice(["dgf", "fc"]), default="dgf", show_default=True, help="DGF (Dovetail) or EAGLE's fc fusion.")
 @click.option("--draft-vocab", type=click.IntRange(min=1), default=None, help="Reduced draft vocabulary size (default: the target's).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -373,9 +396,22 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
 @click.option("--force", is_flag=True, help="Replace an existing draft folder (never any other folder).")
 def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_vocab, steps, batch_size, seq_len, lr,
                     warmup, weight_decay, unroll, tau_prompts, seed, force) -> None:
-    """Train a draft on one or more DATA_DIR folders (from `dovetail data generate`); resumes from its checkpoint."""
+    """Train a draft on one or more DATA_DIR folders (from `dovetail data generate`); resumes from its checkpoint.
+
+    With --init, the draft's shape (layers, fusion, draft vocabulary) is the init draft's; giving another
+    one is an error.
+    """
+    from .draft.io import read_config
     from .models import resolve_target
     from .train.trainer import train_draft
+
+    if init_from is not None:  # the shape comes from the init draft unless asked for explicitly
+        ctx = click.get_current_context()
+        init_cfg = read_config(init_from)
+        given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE  # noqa: E731
+        layers = layers if given("layers") else init_cfg.n_layer
+        fusion = fusion if given("fusion") else init_cfg.fusion
+        draft_vocab = draft_vocab if given("draft_vocab") else (init_cfg.draft_vocab or 0)
 
     cfg = TrainConfig(n_layer=layers, fusion=fusion, draft_vocab=draft_vocab or None, steps=steps, batch_size=batch_size,
                       seq_len=seq_len, lr=lr, warmup=warmup, weight_decay=weight_decay, unroll=unroll,
@@ -443,17 +479,27 @@ def bench(prompts_file, n_prompts, max_tokens, chat, systems, json_out, plot_out
 @click.option("--api-key", default=None, envvar="DOVETAIL_API_KEY", help="Require 'Authorization: Bearer KEY' (or set DOVETAIL_API_KEY).")
 @click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Default max_tokens when a request gives none.")
-def serve(host, port, api_key, default_max_tokens, **kw) -> None:
-    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests that may wait for the engine; past it a request gets 429 with Retry-After.")
+def serve(host, port, api_key, default_max_tokens, max_queue, **kw) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    One worker runs the engine; requests wait in a FIFO queue of at most --max-queue.
+    """
     import uvicorn
 
     from .server import create_app
 
+    if api_key is None and os.environ.get("DOVETAIL_API_KEY") is not None:  # click reads an empty variable as unset
+        api_key = os.environ["DOVETAIL_API_KEY"]
+    if api_key is not None and not api_key.strip():
+        raise DovetailError("the API key is empty; give a real key, or leave --api-key and DOVETAIL_API_KEY unset")
     dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
     name = dt.target.path.stem
-    app = create_app(dt, name, api_key=api_key, default_max_tokens=default_max_tokens)
+    app = create_app(dt, name, api_key=api_key, default_max_tokens=default_max_tokens, max_queue=max_queue)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (draft: {'yes' if dt.drafter else 'no'})", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Ctrl-C: open streams get 2 s to end, then their tasks are cancelled, which stops their generations
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
 
 
 # ---------------------------------------------------------------------- convert

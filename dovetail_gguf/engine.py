@@ -99,7 +99,7 @@ class Engine:
     """Speculative generation over one target, an optional drafter and optional n-gram branches."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
-                 adaptive: bool = False, ngram: bool = False):
+                 adaptive: bool = True, ngram: bool = False):
         """``adaptive``: size each tree from measured costs and acceptance, falling back to plain
         decoding when speculation does not pay (see policy.py); else always draft ``tree``.
         ``ngram``: add continuations found earlier in the context (prompt lookup) to each tree as a
@@ -300,6 +300,12 @@ class Engine:
                     break
                 stats.rounds += 1
                 pending = self._round(pending[-1], room, params, rng, stats)  # 2. one round
+        except GeneratorExit:  # closed by the caller (a client went away): not a normal end
+            out.finish = out.finish or "cancelled"
+            raise
+        except BaseException:
+            out.finish = out.finish or "error"
+            raise
         finally:
             if self._costs_dirty:  # what this generation measured serves the next process too
                 save_costs(t, self._verify_ms)

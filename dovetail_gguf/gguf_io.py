@@ -174,7 +174,9 @@ class GGUFFile:
         finally:
             if isinstance(buf, mmap.mmap):
                 buf.close()
-        align = int(self.fields.get("general.alignment", 32))
+        align = self.fields.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+            raise ModelFileError(f"general.alignment must be a positive power of two, got {align!r}: {path}")
         data_start = (off + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, type_id, rel in infos:
@@ -245,7 +247,16 @@ def read_facts(path: str | os.PathLike) -> ModelFacts:
 
     def arch_int(key: str, default: int = 0) -> int:
         v = _field(gf, f"{arch}.{key}", default)
-        return int(v[0] if isinstance(v, list) else v)
+        v = v[0] if isinstance(v, list) and v else v
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ModelFileError(f"{arch}.{key} must be an integer, got {v!r}: {p}")
+        return int(v)
+
+    def arch_float(key: str, default: float) -> float:
+        v = _field(gf, f"{arch}.{key}", default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ModelFileError(f"{arch}.{key} must be a number, got {v!r}: {p}")
+        return float(v)
 
     embd = gf.tensors.get("token_embd.weight")
     if embd is None:
@@ -256,9 +267,14 @@ def read_facts(path: str | os.PathLike) -> ModelFacts:
     for key in ("bos", "eos", "eot", "eom", "unknown", "padding", "sep"):
         v = _field(gf, f"tokenizer.ggml.{key}_token_id")
         if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ModelFileError(f"tokenizer.ggml.{key}_token_id must be an integer, got {v!r}: {p}")
             special[key] = int(v)
+    template = _field(gf, "tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ModelFileError(f"tokenizer.chat_template must be a string: {p}")
     quant = Counter(t.type_name for t in gf.tensors.values())
-    return ModelFacts(
+    facts = ModelFacts(
         path=str(p),
         architecture=str(arch),
         name=str(_field(gf, "general.name", p.stem)),
@@ -278,10 +294,41 @@ def read_facts(path: str | os.PathLike) -> ModelFacts:
         tokenizer_fingerprint=_tokenizer_fingerprint(gf, model, pre),
         tied_head="output.weight" not in gf.tensors,
         n_ff=arch_int("feed_forward_length"),
-        rope_theta=float(_field(gf, f"{arch}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(gf, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=arch_float("rope.freq_base", 10000.0),
+        rms_norm_eps=arch_float("attention.layer_norm_rms_epsilon", 1e-5),
         special_tokens=special,
     )
+    check_hparams(facts, gf, arch_float("attention.layer_norm_epsilon", 1e-5))
+    return facts
+
+
+def check_hparams(facts: ModelFacts, gf: GGUFFile, layer_norm_eps: float) -> None:
+    """Refuse hyperparameters llama.cpp would abort on (GGML_ASSERT, std::out_of_range) at the first decode."""
+    where = facts.path
+    blocks = {int(name.split(".")[1]) for name in gf.tensors if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    n_blocks = max(blocks) + 1 if blocks else 0
+    if facts.n_layer < 1 or facts.n_layer != n_blocks:
+        raise ModelFileError(f"{facts.architecture}.block_count is {facts.n_layer}, but the file holds tensors "
+                             f"for {n_blocks} layers: {where}")
+    if facts.n_embd < 1 or facts.n_head < 1 or facts.n_head_kv < 1:
+        raise ModelFileError(f"embedding length and head counts must be positive "
+                             f"({facts.n_embd}, {facts.n_head}, {facts.n_head_kv}): {where}")
+    if facts.n_head % facts.n_head_kv:
+        raise ModelFileError(f"head_count {facts.n_head} is not a multiple of head_count_kv {facts.n_head_kv}: {where}")
+    if facts.n_ctx_train < 0 or facts.n_ff < 0:
+        raise ModelFileError(f"context_length and feed_forward_length must not be negative: {where}")
+    for name, eps in (("layer_norm_rms_epsilon", facts.rms_norm_eps), ("layer_norm_epsilon", layer_norm_eps)):
+        if not (np.isfinite(eps) and eps > 0):
+            raise ModelFileError(f"{facts.architecture}.attention.{name} must be a positive number, got {eps}: {where}")
+    if not (np.isfinite(facts.rope_theta) and facts.rope_theta > 0):
+        raise ModelFileError(f"{facts.architecture}.rope.freq_base must be a positive number, got {facts.rope_theta}: {where}")
+    embd_rows = gf.tensors["token_embd.weight"].shape[1] if len(gf.tensors["token_embd.weight"].shape) > 1 else 0
+    if embd_rows != facts.n_vocab:
+        raise ModelFileError(f"the vocabulary has {facts.n_vocab} tokens but token_embd.weight has {embd_rows} rows: {where}")
+    for key, token in facts.special_tokens.items():
+        if not 0 <= token < facts.n_vocab:
+            raise ModelFileError(f"tokenizer.ggml.{key}_token_id {token} is outside the vocabulary "
+                                 f"(0..{facts.n_vocab - 1}): {where}")
 
 
 def read_token_matrices(path: str | os.PathLike):

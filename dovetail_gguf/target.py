@@ -316,7 +316,7 @@ class Target:
         """Drop committed tokens from position ``n_keep`` on (reuse a common prefix)."""
         if not 0 <= n_keep <= self.n_past:
             raise InvalidArgumentError(f"n_keep must be in 0..{self.n_past}")
-        self._lib.llama_memory_seq_rm(self._mem, -1, n_keep, -1)
+        self._seq_rm(-1, n_keep, -1)
         self.n_past = n_keep
         self._pending = None
 
@@ -327,7 +327,7 @@ class Target:
         if n_keep < 0 or n_discard <= 0 or n_keep + n_discard > self.n_past:
             raise InvalidArgumentError("invalid context shift")
         lo, hi = n_keep, n_keep + n_discard
-        self._lib.llama_memory_seq_rm(self._mem, 0, lo, hi)
+        self._seq_rm(0, lo, hi)
         self._lib.llama_memory_seq_add(self._mem, 0, hi, self.n_past, -n_discard)
         self._history[lo : self.n_past - n_discard] = self._history[hi : self.n_past]
         self.n_past -= n_discard
@@ -349,6 +349,12 @@ class Target:
     def _check_tokens(self, tokens: np.ndarray) -> None:
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_vocab):
             raise InvalidArgumentError(f"token ids must be in 0..{self.n_vocab - 1}")
+
+    def _seq_rm(self, seq: int, lo: int, hi: int) -> None:
+        """Remove cells of ``seq`` (-1: every sequence) at positions [lo, hi) (-1: open). llama.cpp
+        returns false only for a partial removal it cannot do; every removal here is one it can."""
+        if not self._lib.llama_memory_seq_rm(self._mem, seq, lo, hi):
+            raise LlamaCallError(f"llama_memory_seq_rm(seq {seq}, {lo}, {hi}) failed")
 
     def _decode(self) -> None:
         if not self._ctx:
@@ -472,9 +478,9 @@ class Target:
 
     def _drop_paths(self, n_paths: int, keep: int = 0) -> None:
         """Free a verified tree's cells: sequence 0 from ``keep`` cells past the committed ones, the other paths whole."""
-        self._lib.llama_memory_seq_rm(self._mem, 0, self.n_past + keep, -1)
+        self._seq_rm(0, self.n_past + keep, -1)
         for s in range(1, n_paths):
-            self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
+            self._seq_rm(s, -1, -1)
 
     def commit(self, path) -> None:
         """Keep the verified nodes ``path`` (root first, each the parent of the next); free the rest.

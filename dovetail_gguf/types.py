@@ -105,7 +105,8 @@ class GenerationStats:
 class GenerationResult:
     text: str
     tokens: list[int]
-    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens) or "context_full"
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens), "context_full",
+    # or, for a generation that did not end by itself, "cancelled" (closed early) or "error"
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 

@@ -237,3 +237,47 @@ def test_lone_surrogate_on_the_command_line_is_one_line():
                        input=b"\xed\xa0\x80 bad bytes \xff", capture_output=True, env=env, timeout=300)
     assert r.returncode in (0, 2), r.stderr
     assert b"Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ metadata llama.cpp would abort on
+def patched_gguf(src: Path, dst: Path, key: str, fmt: str, value) -> Path:
+    """A copy of ``src`` with the scalar metadata ``key`` overwritten in place (same type and size)."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    name = key.encode()
+    at = data.find(struct.pack("<Q", len(name)) + name)
+    assert at > 0, key
+    value_at = at + 8 + len(name) + 4  # key length, key, value type
+    struct.pack_into("<" + fmt, data, value_at, value)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("key, fmt, value, message", [
+    ("llama.block_count", "I", 1000, "block_count is 1000"),
+    ("tokenizer.ggml.eos_token_id", "I", 10**6, "outside the vocabulary"),
+    ("llama.attention.layer_norm_rms_epsilon", "f", -1e-5, "must be a positive number"),
+    ("llama.attention.head_count_kv", "I", 4, "not a multiple"),
+    ("llama.rope.freq_base", "f", float("nan"), "freq_base must be a positive number"),
+])
+def test_metadata_that_aborts_llama_cpp_is_refused_before_it(tmp_path, smollm2_path, key, fmt, value, message):
+    bad = patched_gguf(smollm2_path, tmp_path / "bad.gguf", key, fmt, value)
+    for args in (["info", str(bad)], ["generate", "hi", "--no-draft", "--max-tokens", "2", "--target", str(bad)]):
+        r = dovetail(*args)
+        assert_one_line_error(r, message)
+
+
+def test_a_closed_stream_reports_cancelled_not_length(plain_dt):
+    s = plain_dt.stream("One, two, three,", max_tokens=50)
+    next(iter(s))
+    s.close()
+    assert s.result.finish_reason == "cancelled" and 0 < s.result.stats.n_tokens < 50
+
+
+def test_serve_refuses_an_empty_api_key():
+    r = dovetail("serve", "--api-key", "", "--no-draft")
+    assert_one_line_error(r, "API key is empty")
+    r = subprocess.run([sys.executable, "-m", "dovetail_gguf", "serve", "--no-draft"], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "DOVETAIL_API_KEY": ""})
+    assert_one_line_error(r, "API key is empty")

@@ -110,3 +110,26 @@ def test_start_up_near_the_context_end_still_generates(smollm2_path, tmp_path, m
         got = dt.generate_tokens(prompt, max_tokens=20)
     assert want.finish_reason == got.finish_reason == "context_full"
     assert got.tokens == want.tokens and len(got.tokens) >= 4
+
+
+def test_a_new_drafter_gets_every_feature_of_a_reused_prompt(smollm2_path):
+    """After set_drafter, the prompt is evaluated again from its start: no pair gets a zero feature."""
+    from dovetail_gguf import Dovetail
+    from dovetail_gguf.draft.io import load_drafter
+    from dovetail_gguf.models import default_draft_for
+
+    with Dovetail(smollm2_path, False, target_config=TargetConfig(n_ctx=512, n_threads=2)) as dt:
+        prompt = dt.tokenize_prompt("Hello there, how are you today?")
+        dt.generate_tokens(prompt, max_tokens=4)  # the target's cache now holds the prompt
+        dt.engine.set_drafter(load_drafter(default_draft_for(dt.target.facts), dt.target, "cpu"), adaptive=False)
+        dt.generate_tokens(prompt, max_tokens=4)
+        assert (np.abs(dt.engine._hidden[: len(prompt)]).sum(axis=1) > 0).all()
+
+
+def test_engine_and_api_share_defaults():
+    import inspect
+
+    from dovetail_gguf import Dovetail
+
+    assert inspect.signature(Engine).parameters["adaptive"].default is True
+    assert inspect.signature(Dovetail).parameters["adaptive"].default is True

@@ -181,3 +181,50 @@ def test_a_chat_flag_renders_the_prompt_as_a_user_message(tmp_path, smollm2_path
 
         assert data_mod._encode(t, chat, chat_msgs, 512).tolist() == chat_tokens(t, chat_msgs).tolist()
         assert data_mod._encode(t, raw, raw_msgs, 512).tolist() == t.tokenize("Name a fruit.").tolist()
+
+
+def test_init_refuses_another_shape_and_resume_refuses_other_data(small_data, tmp_path, smollm2_path):
+    out, _ = small_data
+    cfg = TrainConfig(n_layer=1, draft_vocab=256, steps=2, batch_size=2, seq_len=32, warmup=1, eval_every=2,
+                      checkpoint_every=1, heldout_fraction=0.25, tau_prompts=0)
+    first = tmp_path / "first"
+    train_draft(smollm2_path, out, first, cfg, progress=False)
+    with pytest.raises(InvalidArgumentError, match="layers 2 \\(it has 1\\)"):
+        train_draft(smollm2_path, out, tmp_path / "x", TrainConfig(**{**cfg.__dict__, "n_layer": 2}), init_from=first,
+                    progress=False)
+    # a checkpoint left by a run on other data is not resumed with a mismatched d2t
+    interrupted = tmp_path / "second"
+    cfg4 = TrainConfig(**{**cfg.__dict__, "steps": 4})
+    ckpt = interrupted.with_name("second.checkpoint")
+    ckpt.mkdir()
+    import torch
+
+    torch.save({"config": cfg4.__dict__ | {}, "source": "another", "step": 1, "history": []}, ckpt / "state.pt")
+    with pytest.raises(InvalidArgumentError, match="other data folders"):
+        train_draft(smollm2_path, out, interrupted, cfg4, progress=False)
+
+
+@pytest.mark.slow
+def test_two_process_training_draws_different_batches_and_ends_with_the_same_weights(small_data, tmp_path):
+    """Two CPU processes (torchrun + accelerate's MULTI_CPU, gloo; `accelerate launch --cpu` runs one process
+    only): DDP averages the gradients, so both ranks hold the same weights at the end, although each drew
+    its own batches."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out, _ = small_data
+    import os
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "dovetail_gguf", "-v",
+                        "train-draft", str(out), "-o", str(tmp_path / "ddp"), "--layers", "1", "--draft-vocab", "256",
+                        "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--tau-prompts", "0"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    batches = re.findall(r"rank (\d): first batch (\[.*?\])", r.stderr)
+    digests = dict(re.findall(r"rank (\d): weights digest (\w+)", r.stderr))
+    assert sorted(rank for rank, _ in batches) == ["0", "1"] and batches[0][1] != batches[1][1]
+    assert len(digests) == 2 and digests["0"] == digests["1"]
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()

@@ -41,7 +41,7 @@ def target_record(facts: ModelFacts) -> dict:
     }
 
 
-def config_for_target(facts: ModelFacts, n_layer: int = 4, fusion: str = "dgf", draft_vocab: int | None = None) -> DraftConfig:
+def config_for_target(facts: ModelFacts, n_layer: int = 2, fusion: str = "dgf", draft_vocab: int | None = None) -> DraftConfig:
     """A draft shaped like one decoder layer of the target, ``n_layer`` deep."""
     if facts.n_head <= 0 or facts.n_embd % facts.n_head:
         raise InvalidArgumentError(f"cannot derive attention heads from the target ({facts.n_head} heads)")
@@ -169,7 +169,7 @@ def load_draft(draft_dir: str | os.PathLike, target_path: str | os.PathLike, mat
     return model
 
 
-def init_draft(target_path: str | os.PathLike, n_layer: int = 4, fusion: str = "dgf", draft_vocab: int | None = None,
+def init_draft(target_path: str | os.PathLike, n_layer: int = 2, fusion: str = "dgf", draft_vocab: int | None = None,
                d2t: torch.Tensor | None = None, seed: int = 0) -> DraftModel:
     """An untrained draft for a target (Xavier-initialised DGF, default-initialised layers)."""
     facts = read_facts(target_path)

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import InvalidArgumentError
+
 
 @dataclass
 class DraftConfig:
@@ -51,11 +53,11 @@ class DraftConfig:
         if self.intermediate_size is None:
             self.intermediate_size = 256 * math.ceil(int(8 * self.n_embd / 3) / 256)
         if self.fusion not in ("dgf", "fc"):
-            raise ValueError(f"fusion must be 'dgf' or 'fc', got {self.fusion!r}")
+            raise InvalidArgumentError(f"fusion must be 'dgf' or 'fc', got {self.fusion!r}")
         if self.n_head % self.n_kv_head:
-            raise ValueError("n_head must be a multiple of n_kv_head")
+            raise InvalidArgumentError("n_head must be a multiple of n_kv_head")
         if self.draft_vocab is not None and not 0 < self.draft_vocab <= self.n_vocab:
-            raise ValueError(f"draft_vocab must be in 1..{self.n_vocab}")
+            raise InvalidArgumentError(f"the draft vocabulary must be in 1..{self.n_vocab} (the target's), got {self.draft_vocab}")
 
     @property
     def head_vocab(self) -> int:

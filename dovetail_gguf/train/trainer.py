@@ -150,6 +150,17 @@ def evaluate(model: DraftModel, windows: Windows, cfg: TrainConfig, device) -> d
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
+class _Objective(torch.nn.Module):
+    """The training loss as a module, so that DDP's gradient hooks see every parameter it uses."""
+
+    def __init__(self, model: DraftModel, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: dict, noise: bool):
+        return loss_and_metrics(self.model, batch, self.cfg, noise)
+
+
 def split_heldout(seqs, cfg: TrainConfig) -> tuple[list, list]:
     """(held-out, training) sequences: ``heldout_fraction`` of them, at least one.
 
@@ -168,6 +179,20 @@ def split_heldout(seqs, cfg: TrainConfig) -> tuple[list, list]:
 def heldout_prompts(held, n: int) -> list[np.ndarray]:
     """Prompt tokens of up to ``n`` held-out sequences that have an answer to compare against."""
     return [toks[:plen] for toks, _hid, plen in held if plen < len(toks)][:n]
+
+
+def _source_key(data_dirs, init_from) -> str:
+    """A fingerprint of the data folders (their manifests) and the --init draft."""
+    h = hashlib.sha256()
+    for d in data_dirs:
+        h.update(str(Path(d).resolve()).encode() + b"\0")
+        try:
+            h.update((Path(d) / "manifest.json").read_bytes())
+        except OSError:
+            pass
+    if init_from is not None:
+        h.update(str(Path(init_from).resolve()).encode())
+    return h.hexdigest()[:16]
 
 
 class TrainingDivergedError(DovetailError):
@@ -202,16 +227,23 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
     if len(seqs) < 4:
         raise InvalidArgumentError(f"{', '.join(map(str, data_dirs))} hold only {len(seqs)} sequences; generate more data")
     held, train = split_heldout(seqs, cfg)
-    rng = np.random.default_rng([cfg.seed, 0])  # batch draws; a resumed run reseeds with its step
     out = Path(out_dir)
     ckpt_dir = out.with_name(out.name + ".checkpoint")
 
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    rank = accelerator.process_index
+    rng = np.random.default_rng([cfg.seed, 0, rank])  # batch draws differ per rank; a resumed run reseeds
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     embedding, head = read_token_matrices(target_path)
     if init_from is not None:
         model = load_draft(init_from, target_path, (embedding, head))
+        have = {"layers": model.cfg.n_layer, "fusion": model.cfg.fusion, "draft vocabulary": model.cfg.draft_vocab}
+        want = {"layers": cfg.n_layer, "fusion": cfg.fusion, "draft vocabulary": cfg.draft_vocab}
+        differ = [f"{k} {want[k]} (it has {have[k]})" for k in have if have[k] != want[k]]
+        if differ:
+            raise InvalidArgumentError(f"--init {init_from} cannot be trained with other {', '.join(differ)}; "
+                                       "drop those options or start without --init")
     else:
         d2t = frequent_tokens(train, facts.n_vocab, cfg.draft_vocab) if cfg.draft_vocab else None
         model = DraftModel(config_for_target(facts, cfg.n_layer, cfg.fusion, cfg.draft_vocab), embedding, head, d2t)
@@ -225,16 +257,22 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
         return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model, opt = accelerator.prepare(model, opt)
+    objective, opt = accelerator.prepare(_Objective(model, cfg), opt)  # DDP across processes when launched so
     start_step, history = 0, []
+    source = _source_key(data_dirs, init_from)  # what the weights (and the d2t map) were built from
     if resume and (ckpt_dir / "state.pt").is_file():
         state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
-        if state["config"] == asdict(cfg):
-            accelerator.unwrap_model(model).load_state_dict(state["model"])
+        if state["config"] == asdict(cfg) and state.get("source") != source:
+            raise InvalidArgumentError(f"{ckpt_dir} was made from other data folders or another --init; "
+                                       "give the same ones to resume, or remove it to start over")
+        if state["config"] != asdict(cfg):
+            log.warning("%s has other training settings; starting over", ckpt_dir)
+        else:
+            model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start_step, history = state["step"], state["history"]
-            rng = np.random.default_rng([cfg.seed, start_step])
+            rng = np.random.default_rng([cfg.seed, start_step, rank])
             log.info("resumed from %s at step %d", ckpt_dir, start_step)
     train_w, held_w = Windows(train, cfg.seq_len), Windows(held, cfg.seq_len)
     if len(train_w) == 0:
@@ -243,12 +281,14 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
     log.info("training on %d windows (%d sequences), %d held out", len(train_w), len(train), len(held_w))
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress or not accelerator.is_main_process, desc="train-draft")
-    model.train()
+    objective.train()
     for step in range(start_step, cfg.steps):
         idx = rng.integers(0, len(train_w), size=cfg.batch_size)
+        if step == start_step:
+            log.info("rank %d: first batch %s", rank, idx.tolist())
         batch = {k: v.to(device) for k, v in train_w.batch(idx).items()}
         with accelerator.autocast():
-            loss, metrics = loss_and_metrics(accelerator.unwrap_model(model), batch, cfg, noise=True)
+            loss, metrics = objective(batch, noise=True)
         if loss is None:  # cannot happen with the windows kept above; guards a future change
             continue
         if not bool(torch.isfinite(loss)):
@@ -263,14 +303,14 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.2f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            ev = evaluate(accelerator.unwrap_model(model), held_w, cfg, device)  # {} when nothing is held out
+            ev = evaluate(model, held_w, cfg, device)  # {} when nothing is held out
             history.append({"step": done, "train": metrics, "heldout": ev, "seconds": time.perf_counter() - t0})
             if ev:
                 log.info("step %d: held-out loss %.4f, token accuracy %.3f", done, ev["loss"], ev["acc"])
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 and done < cfg.steps):
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            state = {"config": asdict(cfg), "step": done, "history": history,
-                     "model": accelerator.unwrap_model(model).state_dict(), "optimizer": opt.state_dict(),
+            state = {"config": asdict(cfg), "source": source, "step": done, "history": history,
+                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict()}
             torch.save(state, ckpt_dir / "state.tmp")
             os.replace(ckpt_dir / "state.tmp", ckpt_dir / "state.pt")
@@ -278,8 +318,11 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
     report = {"config": asdict(cfg), "data": [str(d) for d in data_dirs], "n_sequences": len(seqs),
               "n_train_tokens": int(sum(len(s[0]) for s in train)), "history": history,
               "train_seconds": time.perf_counter() - t0, "device": str(device)}
+    accelerator.wait_for_everyone()
+    digest = hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()[:16]
+    log.info("rank %d: weights digest %s", rank, digest)
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model).to("cpu", torch.float32)
+        final = model.to("cpu", torch.float32)
         if not all(bool(torch.isfinite(p).all()) for p in final.parameters()):
             raise TrainingDivergedError(f"the weights became non-finite in training; nothing was saved. Lower --lr (now {cfg.lr:g})")
         save_draft(final, out, overwrite=overwrite, extra={"training": {k: report[k] for k in ("n_sequences", "n_train_tokens", "train_seconds")}})
