@@ -138,13 +138,16 @@ def _write_entry(key: str, value) -> None:
         log.warning("could not write the cost cache %s: %s", path, e)
 
 
-def interpolate(costs: dict[int, float], n: int) -> float:
-    """t(n) from measured sizes: linear between them, and past the largest along the last two points' slope."""
-    ks = sorted(costs)
-    if n <= ks[-1] or len(ks) == 1:
-        return float(np.interp(n, ks, [costs[k] for k in ks]))
-    slope = max(0.0, (costs[ks[-1]] - costs[ks[-2]]) / (ks[-1] - ks[-2]))
-    return costs[ks[-1]] + slope * (n - ks[-1])
+def interpolate(costs: dict[int, float], n):
+    """t(n) from measured sizes (``n`` a number or an array): linear between them, and past the
+    largest along the last two points' slope."""
+    ks = np.array(sorted(costs), dtype=np.float64)
+    vs = np.array([costs[k] for k in sorted(costs)], dtype=np.float64)
+    out = np.interp(n, ks, vs)
+    if ks.size > 1:
+        slope = max(0.0, (vs[-1] - vs[-2]) / (ks[-1] - ks[-2]))
+        out = np.where(np.asarray(n) > ks[-1], vs[-1] + slope * (np.asarray(n) - ks[-1]), out)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def update_cost(costs: dict[int, float], n: int, ms: float, rate: float = 0.1) -> float:

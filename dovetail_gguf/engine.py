@@ -210,10 +210,13 @@ class Engine:
 
     def _make_policy(self) -> TreePolicy | None:
         costs = self._costs()
-        return None if costs is None else TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, costs)
+        if costs is None:
+            return None
+        return TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, costs,
+                          draft_ms_per_depth=float(getattr(self.drafter, "step_ms", 0.0)))
 
-    def _verify_cost(self, n: int) -> float:
-        return interpolate(self._verify_ms, n) if self._verify_ms else float(n)
+    def _verify_cost(self, n):
+        return interpolate(self._verify_ms, n) if self._verify_ms else np.asarray(n, dtype=np.float64)
 
     def _plain_step(self, root: int, params: SamplingParams, rng, stats: GenerationStats) -> list[int]:
         """Decode one token; the next token is sampled from its logits."""
@@ -265,14 +268,17 @@ class Engine:
         return pending, reached, on_tree, on_chain
 
     def _chain(self, root: int, room: int, n_tree_nodes: int, tree_expected: float) -> np.ndarray:
-        """The n-gram branch for this round (maybe empty), as long as it pays next to the draft tree."""
+        """The n-gram branch for this round (maybe empty): as long as the chain policy says pays next to
+        the draft tree, looked up only when some length would."""
         t = self.target
-        context = np.append(t.history(0), root).astype(np.int32)
-        found = ngram_lookup(context, min(self.chain_policy.max_len, room - 1, t.max_tree_nodes - n_tree_nodes))
-        if found.size == 0 or not self.adaptive:  # a fixed tree takes every candidate found
-            return found
-        length = self.chain_policy.choose(found.size, self._verify_cost, n_tree_nodes, tree_expected)
-        return found[:length]
+        limit = min(self.chain_policy.max_len, room - 1, self._node_limit() - n_tree_nodes)
+        if limit < 1:
+            return np.zeros(0, dtype=np.int32)
+        if self.adaptive:  # a fixed tree takes every candidate found
+            limit = self.chain_policy.choose(limit, self._verify_cost, n_tree_nodes, tree_expected)
+            if limit == 0:
+                return np.zeros(0, dtype=np.int32)
+        return ngram_lookup(np.append(t.history(0), root).astype(np.int32), limit)
 
     def _generate(self, prompt: np.ndarray, options: GenerateOptions, handle: Generation) -> Iterator[str]:
         t, params = self.target, options.sampling

@@ -20,6 +20,8 @@ from .costs import interpolate
 
 log = logging.getLogger(__name__)
 
+PROBE_MAX_TOKENS = 3  # draft tokens a probe may verify: enough to see acceptance, cheap where nothing pays
+
 
 @dataclass
 class TreePolicy:
@@ -82,7 +84,8 @@ class TreePolicy:
         if self._plain_steps >= self._probe_gap:  # look again, less often while probes keep failing
             self._plain_steps = 0
             self._probe_gap = min(2 * self._probe_gap, 16 * self.probe_every)
-            return max(self.candidates(), key=lambda c: self.speed(*c))
+            small = [c for c in self.candidates() if c[1] <= PROBE_MAX_TOKENS]  # probes stay cheap
+            return max(small, key=lambda c: self.speed(*c))
         return None
 
     def observe(self, depth: int, accepted: int, draft_ms: float | None) -> None:
@@ -131,7 +134,7 @@ class ChainPolicy:
     """
 
     max_len: int = 8
-    probe_every: int = 16  # matches passed over before a chain is verified anyway
+    probe_every: int = 16  # rounds passed over before a chain is looked for and verified anyway
     _reach: np.ndarray = field(default=None, repr=False)
     _rounds: int = 0
     _skipped: int = 0
@@ -142,26 +145,28 @@ class ChainPolicy:
         self._reach = np.array([1.0] + [0.6 ** d for d in range(1, self.max_len + 1)])
         self._probe_gap = self.probe_every
 
-    def choose(self, available: int, cost, base_nodes: int = 1, base_expected: float = 1.0) -> int:
-        """Chain length (0 = none) that maximizes tokens per ms, given a tree of ``base_nodes`` nodes (root
-        included) that emits ``base_expected`` tokens alone; ``cost(k)`` is t(k) in ms.
+    def choose(self, limit: int, cost, base_nodes: int = 1, base_expected: float = 1.0) -> int:
+        """Chain length (0 = none) that maximizes tokens per ms, at most ``limit``, next to a tree of
+        ``base_nodes`` nodes (root included) that emits ``base_expected`` tokens alone; ``cost(k)`` is
+        t(k) in ms and takes arrays. Called before any lookup: 0 means do not even look.
 
         The chain's tokens count in full only where the tree has no other branch (``base_nodes`` 1);
         next to a draft tree, half of its gain is assumed to overlap the tree's own.
         """
+        limit = min(limit, self.max_len)
+        if limit < 1:
+            return 0
         share = 1.0 if base_nodes <= 1 else 0.5
-        best_len, best_speed = 0, base_expected / cost(base_nodes)
-        gain = np.cumsum(self._reach[1 : min(available, self.max_len) + 1]) * share
-        for length in range(1, gain.shape[0] + 1):
-            speed = (base_expected + gain[length - 1]) / cost(base_nodes + length)
-            if speed > best_speed * 1.02:  # a clear win only: timing noise is not a reason to verify more
-                best_len, best_speed = length, speed
-        if best_len == 0 and available > 0:
-            self._skipped += 1
-            if self._skipped >= self._probe_gap:  # look again: the text may have turned repetitive
-                self._skipped, self._probing = 0, True
-                return 1 + int(np.argmax([gain[n] / cost(base_nodes + n + 1) for n in range(gain.shape[0])]))
-        return best_len
+        gain = np.concatenate([[0.0], np.cumsum(self._reach[1 : limit + 1]) * share])  # [limit + 1]
+        speed = (base_expected + gain) / cost(base_nodes + np.arange(limit + 1))
+        best = int(np.argmax(speed))
+        if best > 0 and speed[best] > speed[0] * 1.02:  # a clear win only: timing noise is no reason to verify more
+            return best
+        self._skipped += 1
+        if self._skipped >= self._probe_gap:  # look again: the text may have turned repetitive
+            self._skipped, self._probing = 0, True
+            return min(limit, PROBE_MAX_TOKENS)  # a short, cheap chain
+        return 0
 
     def observe(self, length: int, accepted: int) -> None:
         """A verified chain of ``length`` tokens of which the first ``accepted`` were accepted."""

@@ -39,16 +39,19 @@ def test_merge_chain_shares_existing_nodes():
 
 
 def test_chain_policy_learns_from_acceptance():
-    cost = lambda k: 10.0 + 1.0 * (k - 1)  # noqa: E731  (a flat t(k): chains pay)
+    cost = lambda k: 10.0 + 1.0 * (np.asarray(k) - 1)  # noqa: E731  (a flat t(k): chains pay)
     policy = ChainPolicy(max_len=8)
     assert policy.choose(8, cost) > 0
     for _ in range(30):
         policy.observe(4, 0)  # never accepted
     assert policy.choose(8, cost) == 0
-    steep = lambda k: 10.0 * k  # noqa: E731  (every row costs a full decode: nothing pays)
+    steep = lambda k: 10.0 * np.asarray(k)  # noqa: E731  (every row costs a full decode: nothing pays)
     fresh = ChainPolicy(max_len=8)
     assert all(fresh.choose(8, steep) == 0 for _ in range(fresh.probe_every - 1))
-    assert fresh.choose(8, steep) >= 1  # but a probe comes now and then
+    assert 1 <= fresh.choose(8, steep) <= 3  # but a short probe comes now and then
+    fresh.observe(3, 0)  # a failed probe: the next one waits twice as long
+    assert all(fresh.choose(8, steep) == 0 for _ in range(2 * fresh.probe_every - 1))
+    assert fresh.choose(8, steep) > 0
 
 
 @pytest.fixture(scope="module")

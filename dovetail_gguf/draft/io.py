@@ -189,4 +189,6 @@ def load_drafter(draft_dir: str | os.PathLike, target, device: str = "auto"):
     model = load_draft(draft_dir, target.path)
     log.info("draft %s: %d layers, %s fusion, head vocab %d, on %s", draft_dir, model.cfg.n_layer,
              model.cfg.fusion, model.cfg.head_vocab, dev)
-    return TreeDrafter(model, target.n_ctx + 1, dev)
+    drafter = TreeDrafter(model, target.n_ctx + 1, dev)
+    drafter.warm_up()  # part of loading: the first generation is timed without PyTorch's first-call costs
+    return drafter

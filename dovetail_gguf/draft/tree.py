@@ -100,6 +100,19 @@ class TreeDrafter:
         self.max_positions = max(0, min(max_positions, model.cfg.max_positions - 1 - MAX_TREE_DEPTH))
         self.cache = DraftKVCache(model.cfg, self.max_positions + self.max_tree_slots, device, self.dtype)
         self._pin = device.type == "cuda"
+        self.step_ms = 0.0  # measured by warm_up()
+
+    def warm_up(self) -> None:
+        """Throw-away rounds, so the first real one does not pay PyTorch's first-call costs; the second
+        one's time per level is ``step_ms``, the policy's first guess of the draft's cost."""
+        import time
+
+        d = self.model.cfg.n_embd
+        for _ in range(2):
+            t0 = time.perf_counter()
+            self.propose(np.zeros((2, d), dtype=np.float32), np.zeros(2, dtype=np.int32), TreeConfig(2, 2, 1))
+            self.step_ms = 1000 * (time.perf_counter() - t0) / 2
+            self.trim(0)
 
     def peak_memory_bytes(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
