@@ -209,7 +209,8 @@ def summarize(records: list[RunRecord], reference: dict[str, str] | None = None)
             "other_seconds": secs - sum(r.draft_seconds + r.verify_seconds for r in rs) if rounds else None,
             "identical_to_plain": all(identical) if identical else None,
             "n_identical": int(sum(identical)),
-            "not_identical": [i for i in runs if i in ref and system != LOOKUP and runs[i].tokens != ref[i].tokens],
+            "not_identical": [i for i in runs if i in ref and ((runs[i].text != ref[i].text) if system == LOOKUP
+                                                               else (runs[i].tokens != ref[i].tokens))],
             "identity_reference": (reference or {}).get(system, PLAIN),
         }
     return out

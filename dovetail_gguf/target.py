@@ -58,6 +58,11 @@ class TargetConfig:
             raise InvalidArgumentError(f"max_tree_nodes must be in 1..n_batch ({self.n_batch})")
         if not 1 <= self.max_tree_paths < LLAMA_MAX_SEQ:
             raise InvalidArgumentError(f"max_tree_paths must be in 1..{LLAMA_MAX_SEQ - 1}")
+        if self.n_batch < self.max_tree_paths + 1:  # llama.cpp reserves an output row per sequence (GGML_ASSERT)
+            raise InvalidArgumentError(f"n_batch must be at least max_tree_paths + 1 = {self.max_tree_paths + 1}, "
+                                       f"got {self.n_batch}")
+        if self.n_ubatch < 1 or self.n_ctx > 1 << 24:
+            raise InvalidArgumentError("n_ubatch must be positive and n_ctx at most 16M")
         if self.n_gpu_layers < 0:
             raise InvalidArgumentError("n_gpu_layers must be >= 0")
 

@@ -281,3 +281,116 @@ def test_serve_refuses_an_empty_api_key():
     r = subprocess.run([sys.executable, "-m", "dovetail_gguf", "serve", "--no-draft"], capture_output=True, text=True,
                        timeout=60, env={**os.environ, "DOVETAIL_API_KEY": ""})
     assert_one_line_error(r, "API key is empty")
+
+
+# ------------------------------------------------------------------ damaged drafts, data and prompt files
+@pytest.fixture(scope="module")
+def good_draft(tmp_path_factory, smollm2_path):
+    return save_draft(init_draft(smollm2_path, n_layer=1, draft_vocab=256), tmp_path_factory.mktemp("g") / "draft")
+
+
+def damaged_copy(src: Path, dst: Path, config=None, weights=None) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if config is not None:
+        doc = json.loads((src / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(config(doc)))
+    if weights is not None:
+        from safetensors.torch import load_file, save_file
+
+        save_file(weights(load_file(src / "model.safetensors")), dst / "model.safetensors", metadata={"format": "dovetail-draft"})
+    return dst
+
+
+DRAFT_DAMAGE = {
+    "config is a list": (lambda d: [d], None, "not a dovetail draft config"),
+    "config is null": (lambda d: None, None, "not a dovetail draft config"),
+    "layers as text": (lambda d: {**d, "n_layer": "two"}, None, "n_layer must be an integer"),
+    "zero width": (lambda d: {**d, "n_embd": 0}, None, "n_embd must be in"),
+    "absurd width": (lambda d: {**d, "n_embd": 10**9}, None, "n_embd must be in"),
+    "no kv heads": (lambda d: {**d, "n_kv_head": 0}, None, "n_kv_head must be in"),
+    "negative eps": (lambda d: {**d, "rms_norm_eps": -1}, None, "rms_norm_eps"),
+    "d2t missing": (None, lambda w: {k: v for k, v in w.items() if k != "d2t"}, "d2t"),
+    "d2t short": (None, lambda w: {**w, "d2t": w["d2t"][:10]}, "d2t"),
+    "d2t out of range": (None, lambda w: {**w, "d2t": w["d2t"] + 10**6}, "outside the vocabulary"),
+    "weight of the wrong shape": (None, lambda w: {**w, "fusion.w1.weight": w["fusion.w1.weight"][:5]}, "does not match"),
+    "weight missing": (None, lambda w: {k: v for k, v in w.items() if k != "fusion.w1.weight"}, "does not match"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DRAFT_DAMAGE))
+def test_damaged_draft_folders_are_one_error(good_draft, tmp_path, smollm2_path, case):
+    from dovetail_gguf.draft.io import load_draft
+    from dovetail_gguf.errors import ModelFileError
+
+    config, weights, message = DRAFT_DAMAGE[case]
+    bad = damaged_copy(good_draft, tmp_path / "bad", config, weights)
+    with pytest.raises(ModelFileError, match=message):
+        load_draft(bad, smollm2_path)
+
+
+def test_a_damaged_draft_on_the_command_line(good_draft, tmp_path):
+    bad = damaged_copy(good_draft, tmp_path / "bad", lambda d: {**d, "n_kv_head": 0})
+    assert_one_line_error(dovetail("generate", "hi", "--draft", str(bad), "--max-tokens", "2"), "n_kv_head")
+
+
+def test_draft_init_with_a_vocabulary_larger_than_the_targets(tmp_path):
+    assert_one_line_error(dovetail("draft", "init", "-o", str(tmp_path / "d"), "--draft-vocab", "60000"),
+                          "draft vocabulary must be in 1..49152")
+
+
+@pytest.mark.parametrize("case", ["no manifest", "manifest not JSON", "manifest is a list", "no target",
+                                  "shard missing", "shard truncated"])
+def test_damaged_data_folders_are_one_error(tmp_path, case):
+    from dovetail_gguf.train.data import load_shards
+
+    d = tmp_path / "data"
+    d.mkdir()
+    manifest = {"target": {"name": "x", "tokenizer_fingerprint": "f"}, "shards": [{"file": "shard-00000.safetensors"}]}
+    if case != "no manifest":
+        text = {"manifest not JSON": "{oops", "manifest is a list": "[]",
+                "no target": json.dumps({"shards": []})}.get(case, json.dumps(manifest))
+        (d / "manifest.json").write_text(text)
+    if case == "shard truncated":
+        (d / "shard-00000.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(InvalidArgumentError):
+        load_shards(d)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe binary \x00\x01", "not UTF-8"),
+    (b"[" * 100000 + b"]" * 100000 + b"\n", "nested too deeply|expected a JSON object"),
+    (b'{"prompt": 3}\n', "needs 'conversations', 'prompt' or 'text'"),
+])
+def test_bad_prompt_files_are_one_error(tmp_path, content, message):
+    from dovetail_gguf.train.data import read_prompts
+
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(InvalidArgumentError, match=message):
+        read_prompts(p)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "nan"], "learning rate"),
+    (["--weight-decay", "nan"], "weight decay"),
+    (["--seed", str(2**70)], "seed must fit"),
+])
+def test_train_draft_options_are_checked_before_any_work(fake_data, tmp_path, args, message):
+    r = dovetail("train-draft", str(fake_data), "-o", str(tmp_path / "out"), *args)
+    assert_one_line_error(r, message)
+
+
+def test_data_generate_refuses_a_nan_temperature(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "hi"}\n')
+    assert_one_line_error(dovetail("data", "generate", str(p), "-o", str(tmp_path / "d"), "--temperature", "nan"),
+                          "temperature")
+
+
+def test_target_settings_llama_cpp_would_abort_on_are_refused(smollm2_path):
+    from dovetail_gguf.target import Target, TargetConfig
+
+    with pytest.raises(InvalidArgumentError, match="n_batch must be at least"):
+        Target(smollm2_path, TargetConfig(n_batch=1, max_tree_nodes=1))

@@ -138,13 +138,44 @@ def read_config(draft_dir: str | os.PathLike) -> DraftConfig:
         doc = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise ModelFileError(f"{cfg_path} is not valid JSON: {e}") from e
-    if doc.get("format") != FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ModelFileError(f"{cfg_path} is not a dovetail draft config")
+    check_config_fields(doc, cfg_path)
     fields = set(DraftConfig.__dataclass_fields__)
     try:
         return DraftConfig(**{k: v for k, v in doc.items() if k in fields})
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{cfg_path}: {e}") from e
+
+
+_INT_LIMITS = {  # field: largest sane value (checked before anything is allocated)
+    "n_embd": 65536, "n_vocab": 4_000_000, "n_layer": 256, "n_head": 1024, "n_kv_head": 1024, "head_dim": 4096,
+    "intermediate_size": 1 << 20, "max_positions": 1 << 22, "draft_vocab": 4_000_000,
+}
+
+
+def check_config_fields(doc: dict, where) -> None:
+    """Types and ranges of a draft config's fields; raises ModelFileError naming the field."""
+    for name, limit in _INT_LIMITS.items():
+        v = doc.get(name)
+        if v is None and name in ("head_dim", "intermediate_size", "draft_vocab"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ModelFileError(f"{where}: {name} must be an integer, got {v!r}")
+        if not 1 <= v <= limit:
+            raise ModelFileError(f"{where}: {name} must be in 1..{limit}, got {v}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        v = doc.get(name, 1.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+            raise ModelFileError(f"{where}: {name} must be a positive number, got {v!r}")
+    if doc.get("fusion", "dgf") not in ("dgf", "fc"):
+        raise ModelFileError(f"{where}: fusion must be 'dgf' or 'fc', got {doc.get('fusion')!r}")
+    if not isinstance(doc.get("target", {}), dict):
+        raise ModelFileError(f"{where}: target must be an object")
+    d, f = doc["n_embd"], doc.get("intermediate_size") or 3 * doc["n_embd"]
+    params = doc["n_layer"] * (4 * d * d + 3 * d * f) + 3 * d * d
+    if params > 20e9:
+        raise ModelFileError(f"{where}: a draft of about {params / 1e9:.0f}B parameters is not a draft")
 
 
 def load_draft(draft_dir: str | os.PathLike, target_path: str | os.PathLike, matrices=None) -> DraftModel:
@@ -162,8 +193,17 @@ def load_draft(draft_dir: str | os.PathLike, target_path: str | os.PathLike, mat
     except (SafetensorError, OSError) as e:
         raise ModelFileError(f"cannot read {d / WEIGHTS_FILE}: {e}") from e
     d2t = state.get("d2t")
-    model = DraftModel(cfg, embedding, head, d2t if cfg.draft_vocab else None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if cfg.draft_vocab:
+        if d2t is None or tuple(d2t.shape) != (cfg.draft_vocab,) or d2t.is_floating_point():
+            raise ModelFileError(f"{d / WEIGHTS_FILE}: the draft-to-target map d2t is missing or not "
+                                 f"{cfg.draft_vocab} integer ids")
+        if int(d2t.min()) < 0 or int(d2t.max()) >= cfg.n_vocab:
+            raise ModelFileError(f"{d / WEIGHTS_FILE}: d2t holds ids outside the vocabulary 0..{cfg.n_vocab - 1}")
+    try:
+        model = DraftModel(cfg, embedding, head, d2t if cfg.draft_vocab else None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError) as e:  # shapes that do not match the config
+        raise ModelFileError(f"{d / WEIGHTS_FILE} does not match its config: {str(e).splitlines()[0]}") from e
     if missing or unexpected:
         raise ModelFileError(f"{d / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model

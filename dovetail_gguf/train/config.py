@@ -36,3 +36,11 @@ class TrainConfig:
             raise InvalidArgumentError("unroll must be in 1..8")
         if not 0 < self.heldout_fraction < 0.5:
             raise InvalidArgumentError("heldout_fraction must be in (0, 0.5)")
+        if not (0 < self.lr < float("inf")):
+            raise InvalidArgumentError(f"the learning rate must be a positive number, got {self.lr}")
+        if not (0 <= self.weight_decay < float("inf")):
+            raise InvalidArgumentError(f"the weight decay must be a number >= 0, got {self.weight_decay}")
+        if not -(2**63) <= self.seed < 2**63:
+            raise InvalidArgumentError(f"the seed must fit in 64 bits, got {self.seed}")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise InvalidArgumentError("the draft vocabulary must be positive")

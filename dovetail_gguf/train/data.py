@@ -54,6 +54,8 @@ class DataConfig:
             raise InvalidArgumentError("max_new_tokens, batch_size and prompts_per_shard must be >= 1")
         if self.batch_size > 63:
             raise InvalidArgumentError("batch_size must be at most 63")
+        if not (0 <= self.temperature < float("inf")):
+            raise InvalidArgumentError(f"temperature must be a number >= 0, got {self.temperature}")
 
 
 def _conversation(obj: dict, lineno: int, path: Path) -> list[dict]:
@@ -84,29 +86,34 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[Prompt, list[dict] | Non
         if not text.strip():
             raise InvalidArgumentError(f"{p} is empty")
         return [(Prompt(text, chat=False, complete=True), None)]
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise InvalidArgumentError(f"{p}:{lineno}: malformed JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise InvalidArgumentError(f"{p}:{lineno}: expected a JSON object")
-            if "conversations" in obj:
-                if not isinstance(obj["conversations"], list):
-                    raise InvalidArgumentError(f"{p}:{lineno}: 'conversations' must be a list")
-                out.append((Prompt("", chat=True), _conversation(obj, lineno, p)))
-            elif isinstance(obj.get("prompt"), str) and obj["prompt"]:
-                if obj.get("chat", False) is True:  # a user message, rendered with the chat template
-                    out.append((Prompt(obj["prompt"], chat=True), [{"role": "user", "content": obj["prompt"]}]))
-                else:
-                    out.append((Prompt(obj["prompt"], chat=False), None))
-            elif isinstance(obj.get("text"), str) and obj["text"]:
-                out.append((Prompt(obj["text"], chat=False, complete=True), None))
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{p} is not UTF-8 text (byte {e.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise InvalidArgumentError(f"{p}:{lineno}: malformed JSON ({getattr(e, 'msg', e)})") from None
+        except RecursionError:
+            raise InvalidArgumentError(f"{p}:{lineno}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise InvalidArgumentError(f"{p}:{lineno}: expected a JSON object")
+        if "conversations" in obj:
+            if not isinstance(obj["conversations"], list):
+                raise InvalidArgumentError(f"{p}:{lineno}: 'conversations' must be a list")
+            out.append((Prompt("", chat=True), _conversation(obj, lineno, p)))
+        elif isinstance(obj.get("prompt"), str) and obj["prompt"]:
+            if obj.get("chat", False) is True:  # a user message, rendered with the chat template
+                out.append((Prompt(obj["prompt"], chat=True), [{"role": "user", "content": obj["prompt"]}]))
             else:
-                raise InvalidArgumentError(f"{p}:{lineno}: needs 'conversations', 'prompt' or 'text'")
+                out.append((Prompt(obj["prompt"], chat=False), None))
+        elif isinstance(obj.get("text"), str) and obj["text"]:
+            out.append((Prompt(obj["text"], chat=False, complete=True), None))
+        else:
+            raise InvalidArgumentError(f"{p}:{lineno}: needs 'conversations', 'prompt' or 'text'")
     if not out:
         raise InvalidArgumentError(f"{p} holds no prompts")
     return out
@@ -268,11 +275,28 @@ def load_shards(data_dir: str | os.PathLike) -> tuple[dict, list[tuple[np.ndarra
     d = Path(data_dir)
     if not (d / MANIFEST).is_file():
         raise InvalidArgumentError(f"{d} holds no {MANIFEST}; run `dovetail data generate` first")
-    manifest = json.loads((d / MANIFEST).read_text())
+    try:
+        manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidArgumentError(f"{d / MANIFEST} is not valid JSON: {e}") from None
+    if (not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list)
+            or not isinstance(manifest.get("target"), dict) or "tokenizer_fingerprint" not in manifest["target"]):
+        raise InvalidArgumentError(f"{d / MANIFEST} is not a data manifest (needs 'target' and 'shards')")
+    from safetensors import SafetensorError
+
     seqs = []
     for shard in manifest["shards"]:
-        a = load_file(str(d / shard["file"]))
-        off = a["offsets"]
+        name = shard.get("file") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or "/" in name or not (d / name).is_file():
+            raise InvalidArgumentError(f"{d / MANIFEST} names a shard that is missing: {name!r}")
+        try:
+            a = load_file(str(d / name))
+            off = a["offsets"]
+            toks, hid, plens = a["tokens"], a["hidden"], a["prompt_lens"]
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise InvalidArgumentError(f"shard {d / name} is damaged or truncated: {e}") from None
+        if off.ndim != 1 or off.size != plens.size + 1 or off[-1] != toks.size or hid.shape[0] != toks.size:
+            raise InvalidArgumentError(f"shard {d / name} is inconsistent (offsets, tokens and hidden states disagree)")
         for i in range(len(off) - 1):
             seqs.append((a["tokens"][off[i] : off[i + 1]], a["hidden"][off[i] : off[i + 1]], int(a["prompt_lens"][i])))
     return manifest, seqs
