@@ -93,13 +93,15 @@ def test_commit_keeps_exactly_the_accepted_path(target):
     target.commit(path)
     assert target.n_past == len(prompt) + len(path)
     assert target.committed_tokens.tolist() == prompt.tolist() + tokens[path].tolist()
-    # the cache holds nothing else: a from-scratch evaluation gives (nearly) the same next logits
+    # the cache holds nothing else, compact and in order (commit re-evaluated the nodes off the first
+    # path): the next decode equals, bit for bit, the same decode after a from-scratch prefill
+    committed = target.committed_tokens
     nxt, _ = target.decode_one(42)
     nxt = nxt.copy()
     with Target(target.path, TargetConfig(n_ctx=1024, n_threads=2, n_ubatch=32)) as fresh:
-        ref, _ = fresh.prefill(np.append(target.committed_tokens, []).astype(np.int32))
-    assert int(np.argmax(nxt)) == int(np.argmax(ref))
-    assert np.abs(nxt - ref).max() < 0.5  # KV holes change summation order (see test_long_runs)
+        fresh.prefill(committed)
+        ref, _ = fresh.decode_one(42)
+        np.testing.assert_array_equal(nxt, ref)
     target.reset()
 
 
@@ -221,8 +223,16 @@ def test_context_shift_keeps_going(smollm2_path):
         t.prefill(t.tokenize(PROMPT))
         _rounds(t, np.random.default_rng(2), 150, contiguous=False, on_full="shift")
         assert llama_cpp.llama_memory_seq_pos_max(t._mem, 0) == t.n_past - 1
-        logits, _ = t.decode_one(42)
-        assert np.isfinite(logits).all()
+        committed = t.committed_tokens
+        logits = t.decode_one(42)[0].copy()
+    # the shifted cache predicts what a from-scratch evaluation of the kept tokens predicts; not bit for
+    # bit: shifted keys are re-rotated in place, and the kept cells were computed with the dropped ones
+    with Target(smollm2_path, TargetConfig(n_ctx=256, n_threads=2)) as fresh:
+        fresh.prefill(committed)
+        ref = fresh.decode_one(42)[0]
+        top = np.argsort(ref)[-50:]  # the likely continuations rank alike (random tokens: a loose check)
+        assert np.corrcoef(logits[top], ref[top])[0, 1] > 0.5, np.corrcoef(logits[top], ref[top])[0, 1]
+        assert np.corrcoef(logits, ref)[0, 1] > 0.8
 
 
 def test_decode_one_equals_a_one_node_tree(target):
