@@ -73,3 +73,18 @@ def test_not_gguf_and_truncated_files(tmp_path, smollm2_path):
     short.write_bytes(smollm2_path.read_bytes()[: 40_000_000])
     r = dovetail("generate", "hi", "--no-draft", "--target", str(short))
     assert r.returncode == 2 and "truncated" in r.stderr
+
+
+@pytest.mark.parametrize("command", [["info"], ["generate"], ["chat"], ["draft", "init"], ["data", "prompts"],
+                                     ["data", "generate"], ["train-draft"], ["bench"], ["serve"], ["convert"]])
+def test_every_command_explains_itself(command):
+    from click.testing import CliRunner
+
+    from dovetail_gguf.cli import main
+
+    r = CliRunner().invoke(main, [*command, "--help"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Usage: ") and "Options:" in r.output
+    described = r.output.split("Options:")[0].strip().splitlines()
+    assert len(described) >= 3  # usage, a blank line, a description
+    assert "--help" in r.output

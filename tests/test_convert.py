@@ -161,6 +161,11 @@ def test_quantized_outputs(tmp_path, bpe_tokenizer):
                 gen.append(int(np.argmax(t.decode_one(gen[-1])[0])))
     diff = np.abs(outs["q8.gguf"] - outs["f32.gguf"]).max()
     assert diff < 0.05 * np.abs(outs["f32.gguf"]).max()
+    # Q4_K_M is coarser but must still be the same function: logits that move together, f32's choice near the top
+    f32_logits, q4_logits = outs["f32.gguf"], outs["q4km.gguf"]
+    corr = np.corrcoef(f32_logits, q4_logits)[0, 1]
+    assert corr > 0.9, corr
+    assert int(np.argmax(f32_logits)) in np.argsort(q4_logits)[-5:]
 
 
 def test_pytorch_bin_and_meta_layouts(tmp_path, sp_model):

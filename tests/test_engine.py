@@ -192,13 +192,16 @@ def test_bad_sampling_values(base, kwargs, match):
         base.generate("Hello", **kwargs)
 
 
-def test_bad_prompts_and_drafts(base, tmp_path, gemma_path):
+def test_bad_prompts_and_drafts(base, tmp_path):
     with pytest.raises(InvalidArgumentError, match="empty"):
         base.generate("")
     with pytest.raises(InvalidArgumentError):
         base.chat([])
     with pytest.raises(ModelFileError, match="not found"):
         Dovetail(draft=tmp_path / "missing", target_config=TCFG)
+
+
+def test_a_draft_for_another_target_is_refused(tmp_path, gemma_path):
     gemma_draft = save_draft(init_draft(gemma_path, n_layer=1, draft_vocab=512), tmp_path / "gemma-draft")
     with pytest.raises(DraftMismatchError, match="not for"):
         Dovetail(draft=gemma_draft, target_config=TCFG)

@@ -85,7 +85,7 @@ def test_resume_after_interruption_gives_the_same_shards(small_data, tmp_path, s
         assert pa == pb
 
 
-def test_bad_prompt_files(tmp_path, small_data, smollm2_path, gemma_path):
+def test_bad_prompt_files(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
     with pytest.raises(InvalidArgumentError, match=r"bad.jsonl:2: malformed JSON"):
@@ -97,6 +97,9 @@ def test_bad_prompt_files(tmp_path, small_data, smollm2_path, gemma_path):
     (tmp_path / "odd.jsonl").write_text('{"question": "?"}\n')
     with pytest.raises(InvalidArgumentError, match="odd.jsonl:1"):
         read_prompts(tmp_path / "odd.jsonl")
+
+
+def test_data_of_one_target_is_not_resumed_with_another(small_data, gemma_path):
     out, prompts = small_data
     with pytest.raises(DovetailError, match="cannot resume"):
         generate_data(gemma_path, prompts, out, CFG, progress=False)
