@@ -40,7 +40,10 @@ def main(verbose: int) -> None:
 
     The target model runs in llama.cpp and verifies, in one batched call, a tree
     of tokens that a small PyTorch draft model proposes. Output is lossless:
-    greedy text is token-for-token the target's own.
+    greedy text is the target's argmax at every step and sampling keeps its
+    distribution. With --exact it is bit-identical to plain decoding in the same
+    mode; without, batched kernels round differently and can flip near-ties of
+    the top two logits (see the README's "Known limitation").
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
