@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from dovetail_gguf.errors import DovetailError, InvalidArgumentError, ModelFileError
+from dovetail_gguf.outputs import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -413,8 +414,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16"
         raise ModelFileError(f"checkpoint folder not found: {src_p}")
     if not src_p.is_dir() or not os.access(src_p, os.R_OK | os.X_OK):
         raise ModelFileError(f"not a readable folder: {src_p}")
-    if out_p.exists() and not force:
-        raise InvalidArgumentError(f"{out_p} exists; pass --force to overwrite it")
+    check_output_file(out_p, force)
     ck = read_meta(src_p) if (src_p / "params.json").is_file() and not (src_p / "config.json").is_file() else read_hf(src_p)
     check_shapes(ck)
     out_p.parent.mkdir(parents=True, exist_ok=True)

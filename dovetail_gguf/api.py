@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .accept import SamplingParams
-from .chat import Message, chat_tokens, check_messages
+from .chat import Message, chat_tokens
 from .engine import Engine, Generation
 from .types import GenerateOptions, GenerationResult, TreeConfig
 from .errors import InvalidArgumentError
@@ -152,7 +152,7 @@ class Dovetail:
 
     def chat(self, messages: Iterable[Message], stream: bool = False, **kwargs):
         """Answer the last message of a chat; returns a result, or a :class:`Stream` if ``stream``."""
-        tokens = self.chat_prompt_tokens(check_messages(messages))
+        tokens = self.chat_prompt_tokens(messages)  # reads a generator of messages once
         return self.stream_tokens(tokens, **kwargs) if stream else self.generate_tokens(tokens, **kwargs)
 
 

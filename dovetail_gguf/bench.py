@@ -73,14 +73,9 @@ def machine_description(threads: int) -> dict:
     import llama_cpp
     import torch
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from .llama_runtime import cpu_model
+
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "python": platform.python_version(),
             "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__, "numpy": np.__version__,

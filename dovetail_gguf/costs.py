@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .llama_runtime import build_id, cpu_model
 from .models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -28,23 +28,11 @@ COSTS_FILE = "verify_costs.json"
 CALIBRATION_SIZES = (1, 2, 4)  # the rest is measured by the rounds that use them, then cached
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cost_key(target) -> str:
     """What t(k) depends on: the machine, llama.cpp, the file, the threads and the kernel choice."""
-    import llama_cpp
-
     st = os.stat(target.path)
     return json.dumps({
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "llama_cpp": llama_cpp.__version__,
+        "cpu": cpu_model(), "cores": os.cpu_count(), "llama_cpp": build_id(),
         "file": str(Path(target.path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
         "threads": target.n_threads, "extra_buffers": target.extra_buffers, "gpu_layers": target.config.n_gpu_layers,
     }, sort_keys=True)

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
+
+from .models import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +74,21 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dovetail-gguf"
+@lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def _build_id() -> str:
+@lru_cache(maxsize=None)
+def build_id() -> str:
+    """llama-cpp-python's version and its shared libraries' sizes and times: changes with every rebuild."""
     import llama_cpp
 
     lib = Path(llama_cpp.__file__).parent / "lib"
@@ -97,8 +109,8 @@ def extra_buffers_safe(model_path: str) -> bool:
     override = os.environ.get("DOVETAIL_EXTRA_BUFTS")
     if override in ("0", "1"):
         return override == "1"
-    cache = _cache_dir() / "amx_probe.json"
-    build = _build_id()
+    cache = cache_dir() / "amx_probe.json"
+    build = build_id()
     try:
         cached = json.loads(cache.read_text())
         if cached.get("build") == build:
