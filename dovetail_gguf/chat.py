@@ -11,11 +11,15 @@ the whole rendered prompt, so there such text becomes real control tokens.)
 from __future__ import annotations
 
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .llama_handles import Vocab
+    from .target import Target
 
 Message = Mapping[str, str]
 
@@ -77,8 +81,11 @@ def render_chat(template: str | None, messages: Iterable[Message], bos: str = ""
     return "".join(parts)
 
 
-def chat_tokens(target, messages: Iterable[Message]) -> np.ndarray:
-    """Token ids of ``messages`` rendered with ``target``'s chat template (int32).
+def chat_tokens(vocab: "Vocab | Target", messages: Iterable[Message]) -> np.ndarray:
+    """Token ids of ``messages`` rendered with the model's chat template (int32).
+
+    ``vocab``: the model's :class:`~dovetail_gguf.llama_handles.Vocab` (a
+    :class:`~dovetail_gguf.target.Target` has the same methods).
 
     The template is rendered with a placeholder in place of each message's
     content; the template's text between placeholders is tokenized with
@@ -87,29 +94,29 @@ def chat_tokens(target, messages: Iterable[Message]) -> np.ndarray:
     once, which is refused when some content holds special-token text.
     """
     msgs = check_messages(messages)
-    facts = target.facts
-    bos = target.detokenize_special(facts.bos_token_id) if facts.bos_token_id is not None else ""
-    eos = target.detokenize_special(facts.eos_token_id) if facts.eos_token_id is not None else ""
+    facts = vocab.facts
+    bos = vocab.detokenize_special(facts.bos_token_id) if facts.bos_token_id is not None else ""
+    eos = vocab.detokenize_special(facts.eos_token_id) if facts.eos_token_id is not None else ""
     marked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(msgs)]
-    text = render_chat(target.chat_template, marked, bos, eos)
+    text = render_chat(vocab.chat_template, marked, bos, eos)
     add_bos = not (bos and text.startswith(bos))
     pieces = _split_on_sentinels(text, len(msgs))
     if pieces is None:  # the template rewrote the content: one tokenization of the real rendering
         for m in msgs:
-            if _has_special_text(target, m["content"]):
+            if _has_special_text(vocab, m["content"]):
                 raise InvalidArgumentError("this model's chat template transforms message text, so a message "
                                            "may not contain special-token text such as "
-                                           f"{target.detokenize_special(facts.eos_token_id or 0)!r}")
-        full = render_chat(target.chat_template, msgs, bos, eos)
-        return target.tokenize(full, add_special=add_bos, parse_special=True)
+                                           f"{vocab.detokenize_special(facts.eos_token_id or 0)!r}")
+        full = render_chat(vocab.chat_template, msgs, bos, eos)
+        return vocab.tokenize(full, add_special=add_bos, parse_special=True)
     out = []
     for i, (template_text, msg_index) in enumerate(pieces):
         if template_text:
-            out.append(target.tokenize(template_text, add_special=add_bos and i == 0, parse_special=True))
+            out.append(vocab.tokenize(template_text, add_special=add_bos and i == 0, parse_special=True))
         elif i == 0 and add_bos:
-            out.append(target.tokenize("", add_special=True, parse_special=False))
+            out.append(vocab.tokenize("", add_special=True, parse_special=False))
         if msg_index is not None and msgs[msg_index]["content"]:
-            out.append(target.tokenize(msgs[msg_index]["content"], add_special=False, parse_special=False))
+            out.append(vocab.tokenize(msgs[msg_index]["content"], add_special=False, parse_special=False))
     return np.concatenate(out).astype(np.int32) if out else np.zeros(0, dtype=np.int32)
 
 
@@ -130,9 +137,9 @@ def _split_on_sentinels(text: str, n: int) -> list[tuple[str, int | None]] | Non
     return out
 
 
-def _has_special_text(target, text: str) -> bool:
-    plain = target.tokenize(text, add_special=False, parse_special=False)
-    parsed = target.tokenize(text, add_special=False, parse_special=True)
+def _has_special_text(vocab: "Vocab | Target", text: str) -> bool:
+    plain = vocab.tokenize(text, add_special=False, parse_special=False)
+    parsed = vocab.tokenize(text, add_special=False, parse_special=True)
     return plain.shape != parsed.shape or bool((plain != parsed).any())
 
 

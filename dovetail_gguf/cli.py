@@ -314,15 +314,18 @@ def draft() -> None:
               help="Decoder layers (Dovetail's paper uses a deep draft; EAGLE uses 1).")
 @click.option("--fusion", type=click.Choice(["dgf", "fc"]), default="dgf", show_default=True, help="DGF (Dovetail) or EAGLE's fc fusion.")
 @click.option("--draft-vocab", type=click.IntRange(min=1), default=None, help="Reduced draft vocabulary size (default: the target's).")
+@click.option("--intermediate-size", type=click.IntRange(min=1), default=None,
+              help="The draft's MLP width (default: the target's). Slimmer is cheaper on a CPU.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing draft folder (never any other folder).")
-def draft_init(target, output, layers, fusion, draft_vocab, seed, force) -> None:
+def draft_init(target, output, layers, fusion, draft_vocab, intermediate_size, seed, force) -> None:
     """Write an untrained draft for a target; training starts from it."""
     from .draft.io import check_draft_output, init_draft, save_draft
     from .models import resolve_target
 
     check_draft_output(output, force)  # before any work
-    model = init_draft(resolve_target(target), n_layer=layers, fusion=fusion, draft_vocab=draft_vocab, seed=seed)
+    model = init_draft(resolve_target(target), n_layer=layers, fusion=fusion, draft_vocab=draft_vocab, seed=seed,
+                       intermediate_size=intermediate_size)
     out = save_draft(model, output, overwrite=force)
     n_params = sum(p.numel() for p in model.parameters())
     click.echo(f"wrote {out}: {layers} layers, {fusion} fusion, {n_params / 1e6:.1f}M parameters")
@@ -340,16 +343,18 @@ def data() -> None:
 @click.option("--chat", "n_chat", type=click.IntRange(min=0), default=500, show_default=True, help="Chat instructions from built-in templates.")
 @click.option("--doctest", "n_doctest", type=click.IntRange(min=0), default=0, show_default=True,
               help="HumanEval-shaped prompts: functions whose docstring examples call them, from the standard library and installed packages.")
+@click.option("--requests", "n_requests", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Chat coding requests ('Write a Python function `f(x)` that ...') from documented standard-library functions.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
-def data_prompts(output, n_code, n_chat, n_doctest, seed, force) -> None:
+def data_prompts(output, n_code, n_chat, n_doctest, n_requests, seed, force) -> None:
     """Write a prompt file from this machine's own text (no download, nothing from HumanEval)."""
     from .outputs import check_output_file
     from .train.prompts import write_prompt_file
 
     check_output_file(output, force)
-    path, counts = write_prompt_file(output, n_code, n_chat, seed, n_doctest=n_doctest)
-    asked = {"code": n_code, "chat": n_chat, "doctest": n_doctest}
+    path, counts = write_prompt_file(output, n_code, n_chat, seed, n_doctest=n_doctest, n_requests=n_requests)
+    asked = {"code": n_code, "chat": n_chat, "doctest": n_doctest, "requests": n_requests}
     short = [f"{k} {counts[k]} of {asked[k]}" for k in asked if counts[k] < asked[k]]
     click.echo(f"wrote {path}: {sum(counts.values())} prompts ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     if short:
@@ -385,6 +390,8 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
 @click.option("--fusion", type=click.Choice(["dgf", "fc"]), default=TRAIN_DEFAULTS.fusion, show_default=True)
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=TRAIN_DEFAULTS.draft_vocab or 0, show_default=True,
               help="Reduced vocabulary (0: the target's full one).")
+@click.option("--intermediate-size", type=click.IntRange(min=1), default=None,
+              help="The draft's MLP width (default: the target's). Slimmer is cheaper on a CPU.")
 @click.option("--steps", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.steps, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.batch_size, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=4), default=TRAIN_DEFAULTS.seq_len, show_default=True)
@@ -397,12 +404,13 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
               help="Held-out prompts on which to measure τ through the engine at the end (0: skip).")
 @click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing draft folder (never any other folder).")
-def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_vocab, steps, batch_size, seq_len, lr,
+def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_vocab, intermediate_size, steps,
+                    batch_size, seq_len, lr,
                     warmup, weight_decay, unroll, tau_prompts, seed, force) -> None:
     """Train a draft on one or more DATA_DIR folders (from `dovetail data generate`); resumes from its checkpoint.
 
-    With --init, the draft's shape (layers, fusion, draft vocabulary) is the init draft's; giving another
-    one is an error.
+    With --init, the draft's shape (layers, fusion, draft vocabulary, MLP width) is the init draft's; giving
+    another one is an error.
     """
     from .draft.io import read_config
     from .models import resolve_target
@@ -415,8 +423,10 @@ def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_
         layers = layers if given("layers") else init_cfg.n_layer
         fusion = fusion if given("fusion") else init_cfg.fusion
         draft_vocab = draft_vocab if given("draft_vocab") else (init_cfg.draft_vocab or 0)
+        intermediate_size = intermediate_size if given("intermediate_size") else init_cfg.intermediate_size
 
-    cfg = TrainConfig(n_layer=layers, fusion=fusion, draft_vocab=draft_vocab or None, steps=steps, batch_size=batch_size,
+    cfg = TrainConfig(n_layer=layers, fusion=fusion, draft_vocab=draft_vocab or None,
+                      intermediate_size=intermediate_size, steps=steps, batch_size=batch_size,
                       seq_len=seq_len, lr=lr, warmup=warmup, weight_decay=weight_decay, unroll=unroll,
                       tau_prompts=tau_prompts, seed=seed)
     report = train_draft(resolve_target(target), data_dirs, output, cfg, init_from=init_from, overwrite=force)

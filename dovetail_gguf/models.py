@@ -152,8 +152,13 @@ def assemble(parts: list[Path], out: Path, size: int, sha256: str) -> Path:
 
 # ---------------------------------------------------------------------- drafts
 def models_dir() -> Path:
-    """The repository's (or installed copy's) models/ folder."""
-    return Path(__file__).resolve().parent.parent / "models"
+    """The shipped drafts' folder: models/ of the project, installed as the package
+    ``dovetail_gguf.drafts`` (see pyproject.toml), so a wheel carries it."""
+    try:
+        found = resources.files("dovetail_gguf.drafts")
+    except ModuleNotFoundError:  # a source tree on sys.path, not installed
+        return Path(__file__).resolve().parent.parent / "models"
+    return Path(str(found))
 
 
 def shipped_drafts() -> list[Path]:

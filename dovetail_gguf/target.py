@@ -1,6 +1,7 @@
 """The target model: a GGUF on the CPU through llama.cpp's low-level API.
 
-One :class:`Target` owns one llama.cpp model, one context and its KV cache.
+One :class:`Target` owns one llama.cpp model, one context and its KV cache
+(the handles are :mod:`dovetail_gguf.llama_handles`).
 Sequence 0 of the cache always holds exactly the committed tokens. A draft tree
 is verified in one ``llama_decode``: every root-to-leaf path gets a sequence id
 of its own, every node carries the ids of the paths through it, and the
@@ -13,15 +14,15 @@ decode, copied only where a caller needs to keep them.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ContextFullError, InvalidArgumentError, LlamaCallError, ModelFileError
+from .errors import ContextFullError, InvalidArgumentError, LlamaCallError
 from .gguf_io import ModelFacts, read_facts
+from .llama_handles import Batch, LlamaContext, LlamaModel, Vocab
 from .llama_runtime import extra_buffers_safe, init_backend, physical_cores
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ class TargetConfig:
     # Off (fast): the fastest kernels; a batch row can then differ from a one-token decode in the last
     # bits, which flips the argmax only at near-ties of the top two logits.
     exact: bool = False
-    unified_kv: bool = True  # trees need it; independent sequences (decode_rows) run faster without
 
     def validate(self) -> None:
         if self.n_ctx < 16:
@@ -126,96 +126,63 @@ class TreeResult:
     layout: TreeLayout
 
 
-class _Batch:
-    """A llama_batch whose arrays are numpy buffers owned by Python."""
-
-    def __init__(self, capacity: int, n_seq_max: int):
-        import llama_cpp
-
-        self.capacity = capacity
-        self.token = np.zeros(capacity, dtype=np.int32)
-        self.pos = np.zeros(capacity, dtype=np.int32)
-        self.n_seq_id = np.ones(capacity, dtype=np.int32)
-        self.seq_id = np.zeros((capacity, n_seq_max), dtype=np.int32)
-        self.logits = np.ones(capacity, dtype=np.int8)
-        row_ptr = ctypes.POINTER(ctypes.c_int32)
-        self._seq_rows = (row_ptr * capacity)(
-            *[ctypes.cast(self.seq_id.ctypes.data + i * self.seq_id.strides[0], row_ptr) for i in range(capacity)]
-        )
-        b = llama_cpp.llama_batch()
-        b.token = self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
-        b.embd = None
-        b.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        b.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        b.seq_id = self._seq_rows
-        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self.struct = b
-
-    def set_chain(self, tokens: np.ndarray, first_pos: int) -> None:
-        """Fill with consecutive tokens of sequence 0."""
-        n = tokens.shape[0]
-        self.token[:n] = tokens
-        self.pos[:n] = np.arange(first_pos, first_pos + n, dtype=np.int32)
-        self.n_seq_id[:n] = 1
-        self.seq_id[:n, 0] = 0
-        self.struct.n_tokens = n
-
-
 class Target:
-    """A GGUF model on the CPU: prefill, decode one token, verify a tree, commit a path."""
+    """A GGUF model on the CPU: prefill, decode one token, verify a tree, commit a path.
+
+    The committed-prefix state machine over one :class:`LlamaModel` and one
+    :class:`LlamaContext`. Its invariants, which llama.cpp's unified KV cache
+    makes true and every method keeps:
+
+    1. Sequence 0 holds exactly the committed tokens ``history[:n_past]``, at
+       positions ``0..n_past-1``; no other sequence holds a cell between calls
+       (checked after every commit: ``seq_pos_range(0) == (0, n_past - 1)``).
+    2. Those tokens sit in cells ``0..n_past-1``, in position order, as plain
+       one-token decoding would leave them: llama.cpp puts the rows of a batch
+       into the lowest free cells, in row order, and cells freed from the end
+       are the lowest free ones again. A tree's node i thus lands in cell
+       ``n_past + i``, and :meth:`commit` keeps nodes 0..k-1 of the first path
+       in place and re-evaluates the few accepted nodes past them.
+    3. Between :meth:`verify_tree` and :meth:`commit` the tree's cells are
+       pending; any other evaluation first drops them.
+    4. A failed ``llama_decode`` leaves no cell past ``n_past`` (removed here).
+    """
 
     def __init__(self, path: str | Path, config: TargetConfig | None = None):
-        import llama_cpp
-
         self.config = config = config or TargetConfig()
         config.validate()
         self.facts: ModelFacts = read_facts(path)  # validates the file before llama.cpp sees it
         self.path = Path(self.facts.path)
         init_backend()
-        self._lib = llama_cpp
         self._model = self._ctx = None
-
-        mp = llama_cpp.llama_model_default_params()
-        mp.n_gpu_layers = config.n_gpu_layers
         use_extra = False if config.exact else config.use_extra_buffers
         if use_extra is None:
             use_extra = extra_buffers_safe(str(self.path))
-        mp.use_extra_bufts = self.extra_buffers = bool(use_extra)
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
-        if not self._model:
-            raise ModelFileError(f"llama.cpp could not load {self.path} (unsupported architecture or damaged file)")
+        self._model = LlamaModel(self.facts, config.n_gpu_layers, use_extra)
+        self.extra_buffers = self._model.extra_buffers
+        self.vocab: Vocab = self._model.vocab
 
         self.n_threads = config.n_threads or physical_cores()
         self.n_seq_max = config.max_tree_paths + 1
-        cp = llama_cpp.llama_context_default_params()
         # llama.cpp rounds contexts up to 256 cells and aborts on small ones with many sequences;
         # the user's n_ctx still bounds what is generated.
-        cp.n_ctx = max(config.n_ctx, 256)
-        n_batch = min(config.n_batch, cp.n_ctx)
+        n_cells = max(config.n_ctx, 256)
+        n_batch = min(config.n_batch, n_cells)
         self.max_tree_nodes = min(config.max_tree_nodes, n_batch)
-        cp.n_batch = n_batch
-        cp.n_ubatch = min(config.n_ubatch, n_batch)
-        cp.n_seq_max = self.n_seq_max
-        cp.n_threads = cp.n_threads_batch = self.n_threads
-        cp.embeddings = True  # post-norm hidden state of every row, next to its logits
-        cp.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED  # causal LMs: none, one row per token
-        cp.kv_unified = config.unified_kv  # one cell pool shared by all path sequences
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cp)
-        if not self._ctx:
+        try:
+            self._ctx = LlamaContext(self._model, n_cells, n_batch, min(config.n_ubatch, n_batch), self.n_seq_max,
+                                     self.n_threads, unified_kv=True)  # trees share one cell pool
+        except LlamaCallError:
             self.close()
-            raise LlamaCallError(f"llama.cpp could not create a context of {config.n_ctx} tokens for {self.path}")
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self.n_cells = int(llama_cpp.llama_n_ctx(self._ctx))  # KV cells, at least n_ctx
+            raise
+        self.n_cells = self._ctx.n_cells  # KV cells, at least n_ctx
         self.n_ctx = min(config.n_ctx, self.n_cells)  # positions a generation may use
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
-        self.can_shift = bool(llama_cpp.llama_memory_can_shift(self._mem))
-        self._batch = _Batch(n_batch, self.n_seq_max)
+        self.n_vocab = self.vocab.n_vocab
+        self.n_embd = self._model.n_embd
+        self.can_shift = self._ctx.can_shift
+        self._batch = Batch(n_batch, self.n_seq_max)
         self._history = np.zeros(self.n_ctx, dtype=np.int32)  # committed tokens, in cache order
         self.n_past = 0
         self._pending: TreeLayout | None = None
-        self._piece_cache: dict[int, bytes] = {}
         log.info(
             "target %s: %s, n_embd %d, %d layers, vocab %d, n_ctx %d, %d threads",
             self.path.name, self.facts.architecture, self.n_embd, self.facts.n_layer,
@@ -226,10 +193,10 @@ class Target:
     def close(self) -> None:
         """Free the context and the model. The object is unusable afterwards."""
         if getattr(self, "_ctx", None):
-            self._lib.llama_free(self._ctx)
+            self._ctx.close()
             self._ctx = None
         if getattr(self, "_model", None):
-            self._lib.llama_model_free(self._model)
+            self._model.close()
             self._model = None
 
     def __del__(self):
@@ -262,58 +229,33 @@ class Target:
 
     @property
     def bos_token_id(self) -> int:
-        return int(self._lib.llama_vocab_bos(self._vocab))
+        return self.vocab.bos_token_id
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> np.ndarray:
         """Token ids of ``text`` (BOS added where the model wants it, if ``add_special``)."""
         if not self._model:
             raise InvalidArgumentError("the target was closed")
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidArgumentError(f"the text holds a character that is not valid Unicode at index {e.start} "
-                                       "(a lone surrogate?)") from None
-        cap = len(data) + 8
-        buf = (self._lib.llama_token * cap)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
-            buf = (self._lib.llama_token * cap)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
-        if n < 0:
-            raise LlamaCallError(f"tokenization failed ({n})")
-        return np.frombuffer(buf, dtype=np.int32, count=n).copy()
+        return self.vocab.tokenize(text, add_special, parse_special)
 
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes of one token (special tokens render as empty)."""
-        piece = self._piece_cache.get(token)
-        if piece is None:
-            buf = ctypes.create_string_buffer(64)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-            piece = buf.raw[:n]
-            self._piece_cache[token] = piece
-        return piece
+        return self.vocab.token_bytes(token)
 
     def detokenize_special(self, token: int) -> str:
         """The text of a token, special tokens rendered (e.g. ``<|im_start|>``)."""
-        buf = ctypes.create_string_buffer(256)
-        n = self._lib.llama_token_to_piece(self._vocab, int(token), buf, 256, 0, True)
-        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+        return self.vocab.detokenize_special(token)
 
     def detokenize(self, tokens) -> str:
-        return b"".join(self.token_bytes(int(t)) for t in tokens).decode("utf-8", errors="replace")
+        return self.vocab.detokenize(tokens)
 
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (EOS, EOT, ...)."""
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, int(token)))
+        return self.vocab.is_eog(token)
 
     # ------------------------------------------------------------------ KV cache
     def reset(self) -> None:
         """Empty the KV cache."""
-        self._lib.llama_memory_clear(self._mem, True)
+        self._ctx.clear()
         self.n_past = 0
         self._pending = None
 
@@ -321,9 +263,9 @@ class Target:
         """Drop committed tokens from position ``n_keep`` on (reuse a common prefix)."""
         if not 0 <= n_keep <= self.n_past:
             raise InvalidArgumentError(f"n_keep must be in 0..{self.n_past}")
-        self._seq_rm(-1, n_keep, -1)
+        self._drop_pending()
+        self._ctx.seq_rm(-1, n_keep, -1)
         self.n_past = n_keep
-        self._pending = None
 
     def shift_context(self, n_keep: int, n_discard: int) -> None:
         """Forget committed tokens [n_keep, n_keep + n_discard) and slide the rest back."""
@@ -331,12 +273,12 @@ class Target:
             raise ContextFullError("the context is full and this model's KV cache cannot be shifted")
         if n_keep < 0 or n_discard <= 0 or n_keep + n_discard > self.n_past:
             raise InvalidArgumentError("invalid context shift")
+        self._drop_pending()
         lo, hi = n_keep, n_keep + n_discard
-        self._seq_rm(0, lo, hi)
-        self._lib.llama_memory_seq_add(self._mem, 0, hi, self.n_past, -n_discard)
+        self._ctx.seq_rm(0, lo, hi)
+        self._ctx.seq_add(0, hi, self.n_past, -n_discard)
         self._history[lo : self.n_past - n_discard] = self._history[hi : self.n_past]
         self.n_past -= n_discard
-        self._pending = None
 
     @property
     def window_room(self) -> int:
@@ -355,23 +297,32 @@ class Target:
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_vocab):
             raise InvalidArgumentError(f"token ids must be in 0..{self.n_vocab - 1}")
 
-    def _seq_rm(self, seq: int, lo: int, hi: int) -> None:
-        """Remove cells of ``seq`` (-1: every sequence) at positions [lo, hi) (-1: open). llama.cpp
-        returns false only for a partial removal it cannot do; every removal here is one it can."""
-        if not self._lib.llama_memory_seq_rm(self._mem, seq, lo, hi):
-            raise LlamaCallError(f"llama_memory_seq_rm(seq {seq}, {lo}, {hi}) failed")
-
     def _decode(self) -> None:
+        """One llama_decode of the batch; on failure, no cell past the committed ones survives (invariant 4)."""
         if not self._ctx:
             raise InvalidArgumentError("the target was closed")
-        rc = self._lib.llama_decode(self._ctx, self._batch.struct)
-        if rc != 0:
-            raise LlamaCallError(f"llama_decode failed with code {rc}")
+        try:
+            self._ctx.decode(self._batch)
+        except LlamaCallError:
+            self._ctx.seq_rm(-1, self.n_past, -1)
+            self._pending = None
+            raise
 
     def _outputs(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), shape=(n, self.n_vocab))
-        hidden = np.ctypeslib.as_array(self._lib.llama_get_embeddings(self._ctx), shape=(n, self.n_embd))
-        return logits, hidden
+        return self._ctx.outputs(n)
+
+    def _drop_pending(self) -> None:
+        """Invariant 3: a tree verified but not committed leaves no cell behind."""
+        if self._pending is not None:
+            self._drop_paths(self._pending.n_paths)
+            self._pending = None
+
+    def _check_committed(self) -> None:
+        """Invariant 1, checked where it costs two lookups: sequence 0 spans exactly positions 0..n_past-1."""
+        lo, hi = self._ctx.seq_pos_range(0)
+        if (lo, hi) != ((0, self.n_past - 1) if self.n_past else (-1, -1)):
+            raise LlamaCallError(f"KV cache out of step: sequence 0 holds positions {lo}..{hi}, "
+                                 f"{self.n_past} tokens committed")
 
     # ------------------------------------------------------------------ evaluation
     def prefill(self, tokens) -> tuple[np.ndarray, np.ndarray]:
@@ -381,7 +332,7 @@ class Target:
             raise InvalidArgumentError("prefill needs at least one token")
         self._check_tokens(tokens)
         self._check_room(tokens.size)
-        self._pending = None
+        self._drop_pending()
         hidden = np.empty((tokens.size, self.n_embd), dtype=np.float32)
         step = self._batch.capacity
         logits = None
@@ -401,13 +352,8 @@ class Target:
         if not 0 <= token < self.n_vocab:
             raise InvalidArgumentError(f"token id {token} is outside 0..{self.n_vocab - 1}")
         self._check_room(1)
-        self._pending = None
-        b = self._batch
-        b.token[0] = token
-        b.pos[0] = self.n_past
-        b.n_seq_id[0] = 1
-        b.seq_id[0, 0] = 0
-        b.struct.n_tokens = 1
+        self._drop_pending()
+        self._batch.set_chain(np.array([token], dtype=np.int32), self.n_past)
         self._decode()
         self._history[self.n_past] = token
         self.n_past += 1
@@ -422,8 +368,6 @@ class Target:
         and hidden state of evaluating its root-to-node path alone. Call
         :meth:`commit` before the next evaluation.
         """
-        if not self.config.unified_kv:
-            raise InvalidArgumentError("tree verification needs TargetConfig(unified_kv=True)")
         layout = tree_layout(tokens, parents)
         n = layout.tokens.size
         if n > self.max_tree_nodes:
@@ -434,15 +378,11 @@ class Target:
         self._check_room(int(layout.depth.max()) + 1)
         if self.n_past + n > self.n_cells:
             raise ContextFullError(f"no KV cells left for a tree of {n} nodes ({self.n_past} of {self.n_cells} in use)")
+        self._drop_pending()
         # every path shares the committed prefix held by sequence 0
         for s in range(1, layout.n_paths):
-            self._lib.llama_memory_seq_cp(self._mem, 0, s, 0, self.n_past)
-        b = self._batch
-        b.token[:n] = layout.tokens
-        b.pos[:n] = self.n_past + layout.depth
-        b.n_seq_id[:n] = layout.n_seq_ids
-        b.seq_id[:n, : layout.n_paths] = layout.seq_ids
-        b.struct.n_tokens = n
+            self._ctx.seq_cp(0, s, 0, self.n_past)
+        self._batch.set_tree(layout.tokens, self.n_past + layout.depth, layout.seq_ids, layout.n_seq_ids)
         try:
             self._decode()
         except LlamaCallError:
@@ -452,40 +392,11 @@ class Target:
         logits, hidden = self._outputs(n)
         return TreeResult(logits, hidden, layout)
 
-    def decode_rows(self, tokens, positions, seq_ids) -> tuple[np.ndarray, np.ndarray]:
-        """Raw multi-sequence decode: row i is token ``tokens[i]`` at ``positions[i]`` of sequence ``seq_ids[i]``.
-
-        For batch work such as data generation, several independent sequences
-        per call. It bypasses the committed-prefix bookkeeping: call
-        :meth:`reset` before using prefill/verify_tree/commit again. Returns
-        views of logits [n, n_vocab] and hidden states [n, n_embd].
-        """
-        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
-        n = tokens.size
-        if n == 0 or n > self._batch.capacity:
-            raise InvalidArgumentError(f"decode_rows takes 1..{self._batch.capacity} rows, got {n}")
-        seq_ids = np.asarray(seq_ids, dtype=np.int32)
-        positions = np.asarray(positions, dtype=np.int32)
-        if seq_ids.min() < 0 or seq_ids.max() >= self.n_seq_max:
-            raise InvalidArgumentError(f"sequence ids must be in 0..{self.n_seq_max - 1}")
-        if positions.min() < 0 or positions.max() >= self.n_cells:
-            raise ContextFullError(f"positions must stay below {self.n_cells}")
-        self._check_tokens(tokens)
-        self.n_past, self._pending = 0, None
-        b = self._batch
-        b.token[:n] = tokens
-        b.pos[:n] = positions
-        b.n_seq_id[:n] = 1
-        b.seq_id[:n, 0] = seq_ids
-        b.struct.n_tokens = n
-        self._decode()
-        return self._outputs(n)
-
     def _drop_paths(self, n_paths: int, keep: int = 0) -> None:
         """Free a verified tree's cells: sequence 0 from ``keep`` cells past the committed ones, the other paths whole."""
-        self._seq_rm(0, self.n_past + keep, -1)
+        self._ctx.seq_rm(0, self.n_past + keep, -1)
         for s in range(1, n_paths):
-            self._seq_rm(s, -1, -1)
+            self._ctx.seq_rm(s, -1, -1)
 
     def commit(self, path) -> None:
         """Keep the verified nodes ``path`` (root first, each the parent of the next); free the rest.
@@ -515,3 +426,4 @@ class Target:
             self._decode()
         self._history[lo:hi] = layout.tokens[path]
         self.n_past = hi
+        self._check_committed()

@@ -157,6 +157,18 @@ def test_reduced_vocabulary_maps_to_target_ids(smollm2_path, tmp_path):
     torch.testing.assert_close(loaded.d2t, d2t)
 
 
+def test_a_slim_mlp_draft_saves_loads_and_drafts(smollm2_path, tmp_path):
+    """--intermediate-size: the MLP is as wide as asked (not the target's), and survives a round trip."""
+    model = init_draft(smollm2_path, n_layer=1, draft_vocab=1024, intermediate_size=384)
+    assert model.cfg.intermediate_size == 384 and model.layers[0].up.weight.shape == (384, 576)
+    wide = init_draft(smollm2_path, n_layer=1, draft_vocab=1024)
+    assert wide.cfg.intermediate_size == 1536  # the target's n_ff
+    loaded = load_draft(save_draft(model, tmp_path / "slim"), smollm2_path)
+    assert loaded.cfg.intermediate_size == 384
+    t = TreeDrafter(loaded, 256, torch.device("cpu")).propose(*pairs(5, 576, 3), TreeConfig(6, 3, 2))
+    assert t.tokens.size == 1 + 6  # the root, then the drafted nodes
+
+
 def test_mismatched_target_is_refused(tmp_path, draft_model, gemma_path):
     out = save_draft(draft_model, tmp_path / "draft")
     with pytest.raises(DraftMismatchError, match="Smollm2.*not for"):

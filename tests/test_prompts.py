@@ -23,16 +23,22 @@ def test_doctest_prompts_are_humaneval_shaped_python():
 
 
 def test_prompt_file_mixes_sources_and_shares_nothing_with_humaneval(tmp_path):
-    path, counts = write_prompt_file(tmp_path / "p.jsonl", n_code=6, n_chat=4, seed=0, n_doctest=5)
-    assert counts == {"code": 6, "chat": 4, "doctest": 5}
+    path, counts = write_prompt_file(tmp_path / "p.jsonl", n_code=6, n_chat=4, seed=0, n_doctest=5, n_requests=7)
+    assert counts == {"code": 6, "chat": 4, "doctest": 5, "requests": 7}
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(rows) == 15
-    assert sum("conversations" in r for r in rows) == 4
+    assert len(rows) == 22
+    chats = [r["conversations"][0]["content"] for r in rows if "conversations" in r]
+    assert len(chats) == 11
+    requests = [c for c in chats if "`" in c]  # "Write a Python function `name(args)` that ..."
+    assert len(requests) == 7
+    for request in requests:  # the quoted signature parses as a call-shaped Python signature
+        sig = request.split("`")[1]
+        ast.parse(f"def {sig}: pass")
     raw = [r["prompt"] for r in rows if "prompt" in r]
     assert sum(">>>" in p for p in raw) >= 5
     # no HumanEval docstring line appears in the training prompts
     lines = {ln.strip() for p in humaneval_prompts() for ln in p.splitlines() if len(ln.strip()) > 30}
-    assert not any(ln.strip() in lines for p in raw for ln in p.splitlines())
+    assert not any(ln.strip() in lines for p in raw + requests for ln in p.splitlines())
 
 
 def test_data_prompts_with_no_counts_is_a_clear_error(tmp_path):

@@ -217,12 +217,10 @@ def test_long_runs_never_exhaust_the_cache(smollm2_path):
 
 def test_context_shift_keeps_going(smollm2_path):
     """Shifting drops cells and slides positions back; the cache stays consistent."""
-    import llama_cpp
-
     with Target(smollm2_path, TargetConfig(n_ctx=256, n_threads=2)) as t:
         t.prefill(t.tokenize(PROMPT))
         _rounds(t, np.random.default_rng(2), 150, contiguous=False, on_full="shift")
-        assert llama_cpp.llama_memory_seq_pos_max(t._mem, 0) == t.n_past - 1
+        assert t._ctx.seq_pos_range(0)[1] == t.n_past - 1
         committed = t.committed_tokens
         logits = t.decode_one(42)[0].copy()
     # the shifted cache predicts what a from-scratch evaluation of the kept tokens predicts; not bit for
@@ -233,6 +231,34 @@ def test_context_shift_keeps_going(smollm2_path):
         top = np.argsort(ref)[-50:]  # the likely continuations rank alike (random tokens: a loose check)
         assert np.corrcoef(logits[top], ref[top])[0, 1] > 0.5, np.corrcoef(logits[top], ref[top])[0, 1]
         assert np.corrcoef(logits, ref)[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("next_call", ["decode_one", "prefill", "verify_tree", "truncate"])
+def test_an_uncommitted_tree_leaves_no_cell_behind(target, next_call):
+    """A tree verified but never committed is dropped by the next evaluation: the cache then holds
+    exactly the committed tokens, and the next decode equals, bit for bit, one without the tree."""
+    target.reset()
+    prompt = target.tokenize(PROMPT)
+    target.prefill(prompt)
+    ref = target.decode_one(42)[0].copy()
+    target.truncate(prompt.size)
+    tokens = np.random.default_rng(9).integers(100, 5000, size=len(SHAPES["unbalanced"])).astype(np.int32)
+    target.verify_tree(tokens, SHAPES["unbalanced"])
+    if next_call == "decode_one":
+        got = target.decode_one(42)[0]
+    elif next_call == "prefill":
+        got = target.prefill(np.array([42], dtype=np.int32))[0]
+    elif next_call == "verify_tree":
+        got = target.verify_tree(np.array([42], dtype=np.int32), np.array([-1])).logits[0]
+        target.commit([0])
+    else:
+        target.truncate(prompt.size)
+        got = target.decode_one(42)[0]
+    np.testing.assert_array_equal(got, ref)
+    assert target._ctx.seq_pos_range(0) == (0, target.n_past - 1)
+    for seq in range(1, 8):  # the tree's other paths are gone
+        assert target._ctx.seq_pos_range(seq) == (-1, -1)
+    target.reset()
 
 
 def test_decode_one_equals_a_one_node_tree(target):

@@ -41,8 +41,12 @@ def target_record(facts: ModelFacts) -> dict:
     }
 
 
-def config_for_target(facts: ModelFacts, n_layer: int = 2, fusion: str = "dgf", draft_vocab: int | None = None) -> DraftConfig:
-    """A draft shaped like one decoder layer of the target, ``n_layer`` deep."""
+def config_for_target(facts: ModelFacts, n_layer: int = 2, fusion: str = "dgf", draft_vocab: int | None = None,
+                      intermediate_size: int | None = None) -> DraftConfig:
+    """A draft shaped like one decoder layer of the target, ``n_layer`` deep.
+
+    ``intermediate_size``: the MLP's width (None: the target's); a slimmer MLP makes a cheaper CPU draft.
+    """
     if facts.n_head <= 0 or facts.n_embd % facts.n_head:
         raise InvalidArgumentError(f"cannot derive attention heads from the target ({facts.n_head} heads)")
     return DraftConfig(
@@ -51,7 +55,7 @@ def config_for_target(facts: ModelFacts, n_layer: int = 2, fusion: str = "dgf", 
         n_layer=n_layer,
         n_head=facts.n_head,
         n_kv_head=facts.n_head_kv or facts.n_head,
-        intermediate_size=facts.n_ff or None,
+        intermediate_size=intermediate_size or facts.n_ff or None,
         rms_norm_eps=facts.rms_norm_eps,
         rope_theta=facts.rope_theta,
         fusion=fusion,
@@ -210,10 +214,11 @@ def load_draft(draft_dir: str | os.PathLike, target_path: str | os.PathLike, mat
 
 
 def init_draft(target_path: str | os.PathLike, n_layer: int = 2, fusion: str = "dgf", draft_vocab: int | None = None,
-               d2t: torch.Tensor | None = None, seed: int = 0) -> DraftModel:
+               d2t: torch.Tensor | None = None, seed: int = 0, intermediate_size: int | None = None) -> DraftModel:
     """An untrained draft for a target (Xavier-initialised DGF, default-initialised layers)."""
     facts = read_facts(target_path)
-    cfg = config_for_target(facts, n_layer=n_layer, fusion=fusion, draft_vocab=draft_vocab)
+    cfg = config_for_target(facts, n_layer=n_layer, fusion=fusion, draft_vocab=draft_vocab,
+                            intermediate_size=intermediate_size)
     embedding, head = read_token_matrices(target_path)
     if draft_vocab and d2t is None:
         d2t = torch.arange(draft_vocab)  # until token frequencies are known: the first ids

@@ -12,6 +12,7 @@ class TrainConfig:
     n_layer: int = 2  # the shipped drafts' depth; every entry point defaults to it
     fusion: str = "dgf"
     draft_vocab: int | None = 8192  # None: the full target vocabulary
+    intermediate_size: int | None = None  # the draft's MLP width (None: the target's)
     steps: int = 2000
     batch_size: int = 8  # sequences per step
     seq_len: int = 256  # tokens per training window
@@ -42,5 +43,7 @@ class TrainConfig:
             raise InvalidArgumentError(f"the weight decay must be a number >= 0, got {self.weight_decay}")
         if not -(2**63) <= self.seed < 2**63:
             raise InvalidArgumentError(f"the seed must fit in 64 bits, got {self.seed}")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise InvalidArgumentError("the MLP width must be positive")
         if self.draft_vocab is not None and self.draft_vocab < 1:
             raise InvalidArgumentError("the draft vocabulary must be positive")

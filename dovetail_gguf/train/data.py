@@ -24,8 +24,10 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import DovetailError, InvalidArgumentError
-from ..target import Target, TargetConfig
+from ..errors import ContextFullError, DovetailError, InvalidArgumentError
+from ..gguf_io import read_facts
+from ..llama_handles import Batch, LlamaContext, LlamaModel, Vocab
+from ..llama_runtime import extra_buffers_safe, init_backend, physical_cores
 
 log = logging.getLogger(__name__)
 
@@ -158,24 +160,81 @@ class _Manifest:
         self.save()
 
 
-def _encode(target: Target, prompt: Prompt, messages, max_tokens: int) -> np.ndarray:
+class RowDecoder:
+    """Independent sequences decoded side by side: the target model on a context of its own.
+
+    Sequence ``s`` (1..n_seqs) has a KV stream of its own (no unified cache),
+    so attention spans only that sequence's cells. No committed-prefix
+    bookkeeping: that is :class:`~dovetail_gguf.target.Target`'s job.
+    """
+
+    def __init__(self, path: str | os.PathLike, n_seqs: int, seq_len: int, n_threads: int | None = None,
+                 n_batch: int = 512):
+        self.facts = read_facts(path)
+        init_backend()
+        self.model = LlamaModel(self.facts, use_extra_buffers=extra_buffers_safe(self.facts.path))
+        self.vocab: Vocab = self.model.vocab
+        self.n_seq_max = n_seqs + 1  # sequence 0 stays unused
+        try:
+            self.ctx = LlamaContext(self.model, max(seq_len * self.n_seq_max, 256), n_batch, n_batch, self.n_seq_max,
+                                    n_threads or physical_cores(), unified_kv=False)
+        except Exception:
+            self.model.close()
+            raise
+        self.batch = Batch(n_batch, 1)
+
+    @property
+    def capacity(self) -> int:
+        """Rows per :meth:`decode` call."""
+        return self.batch.capacity
+
+    def reset(self) -> None:
+        self.ctx.clear()
+
+    def decode(self, tokens, positions, seq_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Row i: ``tokens[i]`` at ``positions[i]`` of sequence ``seq_ids[i]``.
+
+        Returns views of logits [n, n_vocab] and hidden states [n, n_embd], valid until the next call.
+        """
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        seq_ids = np.asarray(seq_ids, dtype=np.int32)
+        positions = np.asarray(positions, dtype=np.int32)
+        n = tokens.size
+        if n == 0 or n > self.capacity:
+            raise InvalidArgumentError(f"a decode takes 1..{self.capacity} rows, got {n}")
+        if seq_ids.min() < 1 or seq_ids.max() >= self.n_seq_max:
+            raise InvalidArgumentError(f"sequence ids must be in 1..{self.n_seq_max - 1}")
+        if positions.min() < 0 or positions.max() >= self.ctx.n_cells // self.n_seq_max:
+            raise ContextFullError(f"positions must stay below {self.ctx.n_cells // self.n_seq_max}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab.n_vocab:
+            raise InvalidArgumentError(f"token ids must be in 0..{self.vocab.n_vocab - 1}")
+        self.batch.set_rows(tokens, positions, seq_ids)
+        self.ctx.decode(self.batch)
+        return self.ctx.outputs(n)
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.model.close()
+
+
+def _encode(vocab: Vocab, prompt: Prompt, messages, max_tokens: int) -> np.ndarray:
     if messages is not None:  # rendered exactly as at inference
         from ..chat import chat_tokens
 
-        toks = chat_tokens(target, messages)
+        toks = chat_tokens(vocab, messages)
     else:
-        toks = target.tokenize(prompt.text, add_special=True, parse_special=False)
+        toks = vocab.tokenize(prompt.text, add_special=True, parse_special=False)
     return toks[:max_tokens]
 
 
-def _generate_batch(target: Target, batch: list[np.ndarray], complete: list[bool], cfg: DataConfig,
+def _generate_batch(dec: RowDecoder, batch: list[np.ndarray], complete: list[bool], cfg: DataConfig,
                     rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """(tokens, hidden, prompt_len) for each prompt, generating B sequences per decode call."""
-    target.reset()
+    dec.reset()
     n = len(batch)
     seqs = [list(map(int, b)) for b in batch]
     hidden: list[list[np.ndarray]] = [[] for _ in range(n)]
-    cap = target._batch.capacity
+    cap = dec.capacity
     # prefill all prompts, each on its own sequence, packed into as few calls as fit
     rows = [(i, j) for i in range(n) for j in range(len(batch[i]))]
     for lo in range(0, len(rows), cap):
@@ -183,17 +242,17 @@ def _generate_batch(target: Target, batch: list[np.ndarray], complete: list[bool
         seq = np.array([i for i, _ in chunk]) + 1
         pos = np.array([j for _, j in chunk])
         tok = np.array([batch[i][j] for i, j in chunk])
-        logits, hid = target.decode_rows(tok, pos, seq)
+        logits, hid = dec.decode(tok, pos, seq)
         for r, (i, j) in enumerate(chunk):
             hidden[i].append(hid[r].astype(np.float16))
             if j == len(batch[i]) - 1 and not complete[i]:
                 seqs[i].append(_pick(logits[r], cfg.temperature, rng))
-    active = [i for i in range(n) if not complete[i] and not target.is_eog(seqs[i][-1])]
+    active = [i for i in range(n) if not complete[i] and not dec.vocab.is_eog(seqs[i][-1])]
     new = {i: 1 for i in active}
     while active:
         tok = np.array([seqs[i][-1] for i in active])
         pos = np.array([len(seqs[i]) - 1 for i in active])
-        logits, hid = target.decode_rows(tok, pos, np.array(active) + 1)
+        logits, hid = dec.decode(tok, pos, np.array(active) + 1)
         still = []
         for r, i in enumerate(active):
             hidden[i].append(hid[r].astype(np.float16))
@@ -202,7 +261,7 @@ def _generate_batch(target: Target, batch: list[np.ndarray], complete: list[bool
             nxt = _pick(logits[r], cfg.temperature, rng)
             seqs[i].append(nxt)
             new[i] += 1
-            if not target.is_eog(nxt):
+            if not dec.vocab.is_eog(nxt):
                 still.append(i)
         active = still
     for i in range(n):
@@ -210,7 +269,7 @@ def _generate_batch(target: Target, batch: list[np.ndarray], complete: list[bool
         hid = np.stack(hidden[i])
         # a final EOG token was never evaluated; every kept token has its hidden state
         yield toks[: len(hid)], hid, (len(hid) if complete[i] else len(batch[i]))
-    target.reset()
+    dec.reset()
 
 
 def _pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
@@ -233,10 +292,8 @@ def generate_data(target_path: str | os.PathLike, prompts_path: str | os.PathLik
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens
-    # one KV stream per sequence: attention then spans only that sequence's cells
-    target = Target(target_path, TargetConfig(n_ctx=seq_len * (cfg.batch_size + 1), n_threads=cfg.n_threads,
-                                              max_tree_paths=cfg.batch_size, n_batch=512, unified_kv=False))
-    manifest = _Manifest(out, target.facts, cfg, str(prompts_path), len(prompts))
+    dec = RowDecoder(target_path, cfg.batch_size, seq_len, cfg.n_threads)
+    manifest = _Manifest(out, dec.facts, cfg, str(prompts_path), len(prompts))
     manifest.save()
     start = manifest.next_prompt
     rng = np.random.default_rng([cfg.seed, start])
@@ -248,8 +305,8 @@ def generate_data(target_path: str | os.PathLike, prompts_path: str | os.PathLik
             tokens, hidden, offsets, prompt_lens = [], [], [0], []
             for b in range(first, end, cfg.batch_size):
                 group = prompts[b : min(b + cfg.batch_size, end)]
-                enc = [_encode(target, p, m, cfg.max_prompt_tokens if not p.complete else seq_len) for p, m in group]
-                for toks, hid, plen in _generate_batch(target, enc, [p.complete for p, _ in group], cfg, rng):
+                enc = [_encode(dec.vocab, p, m, cfg.max_prompt_tokens if not p.complete else seq_len) for p, m in group]
+                for toks, hid, plen in _generate_batch(dec, enc, [p.complete for p, _ in group], cfg, rng):
                     tokens.append(toks)
                     hidden.append(hid)
                     offsets.append(offsets[-1] + len(toks))
@@ -264,7 +321,7 @@ def generate_data(target_path: str | os.PathLike, prompts_path: str | os.PathLik
             manifest.add(name, first, end, int(offsets[-1]))
     finally:
         bar.close()
-        target.close()
+        dec.close()
     return out
 
 

@@ -138,6 +138,32 @@ def doctest_function_prompts(limit: int, seed: int = 0, max_doc: int = 900,
     return out
 
 
+REQUEST_TEMPLATES = [
+    "Write a Python function `{sig}` that does this: {summary}",
+    "Implement `{sig}` in Python. {summary}",
+    "Can you write `{sig}`? It should work like this: {summary}",
+]
+
+
+def code_request_prompts(limit: int, seed: int = 0) -> list[str]:
+    """Chat coding requests ("Write a Python function `f(x)` that ...") from documented stdlib functions.
+
+    This is how editors and assistants call a code model; the request is the
+    first paragraph of the function's docstring, the signature without ``def``.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rng = random.Random(seed)
+    found = []
+    for signature, doc in documented_functions(root, 40, 4000):
+        summary = " ".join(doc.split("\n\n")[0].split())
+        if not 30 <= len(summary) <= 400 or ">>>" in summary:
+            continue
+        sig = signature[4:].rstrip(":")
+        found.append(rng.choice(REQUEST_TEMPLATES).format(sig=sig, summary=summary))
+    rng.shuffle(found)
+    return found[:limit]
+
+
 def chat_prompts() -> list[str]:
     out = [tpl.format(t=t) for t in TOPICS for tpl in CHAT_TEMPLATES]
     out += [tpl.format(t=t) for t in CODE_TASKS for tpl in CODE_TEMPLATES]
@@ -145,25 +171,29 @@ def chat_prompts() -> list[str]:
 
 
 def write_prompt_file(out: str | os.PathLike, n_code: int = 1500, n_chat: int = 500, seed: int = 0,
-                      n_doctest: int = 0) -> tuple[Path, dict[str, int]]:
-    """A JSONL prompt file: stdlib completion prompts, doctest-shaped prompts and chat instructions, shuffled.
+                      n_doctest: int = 0, n_requests: int = 0) -> tuple[Path, dict[str, int]]:
+    """A JSONL prompt file: stdlib completion prompts, doctest-shaped prompts, chat instructions and chat
+    coding requests, shuffled.
 
     Returns the path and how many prompts of each source it holds: fewer than
     asked where this machine's sources run out.
     """
-    if n_code + n_chat + n_doctest == 0:
-        raise InvalidArgumentError("asked for no prompts: give --code, --chat or --doctest a positive count")
+    if n_code + n_chat + n_doctest + n_requests == 0:
+        raise InvalidArgumentError("asked for no prompts: give --code, --chat, --doctest or --requests a positive count")
     rng = random.Random(seed)
     chats = chat_prompts()
     rng.shuffle(chats)
     code = [{"prompt": p} for p in stdlib_function_prompts(n_code, seed)] if n_code else []
     doctest = [{"prompt": p} for p in doctest_function_prompts(n_doctest, seed)] if n_doctest else []
     chat = [{"conversations": [{"role": "user", "content": c}]} for c in chats[:n_chat]]
-    rows = code + doctest + chat
+    requests = [{"conversations": [{"role": "user", "content": c}]}
+                for c in code_request_prompts(n_requests, seed)] if n_requests else []
+    rows = code + doctest + chat + requests
     rng.shuffle(rows)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
-    return path, {"code": len(code), "chat": len(chat), "doctest": len(doctest)}
+    counts = {"code": len(code), "chat": len(chat), "doctest": len(doctest), "requests": len(requests)}
+    return path, counts

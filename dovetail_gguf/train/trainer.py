@@ -238,15 +238,18 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
     embedding, head = read_token_matrices(target_path)
     if init_from is not None:
         model = load_draft(init_from, target_path, (embedding, head))
-        have = {"layers": model.cfg.n_layer, "fusion": model.cfg.fusion, "draft vocabulary": model.cfg.draft_vocab}
-        want = {"layers": cfg.n_layer, "fusion": cfg.fusion, "draft vocabulary": cfg.draft_vocab}
+        have = {"layers": model.cfg.n_layer, "fusion": model.cfg.fusion, "draft vocabulary": model.cfg.draft_vocab,
+                "MLP width": model.cfg.intermediate_size}
+        want = {"layers": cfg.n_layer, "fusion": cfg.fusion, "draft vocabulary": cfg.draft_vocab,
+                "MLP width": cfg.intermediate_size or model.cfg.intermediate_size}
         differ = [f"{k} {want[k]} (it has {have[k]})" for k in have if have[k] != want[k]]
         if differ:
             raise InvalidArgumentError(f"--init {init_from} cannot be trained with other {', '.join(differ)}; "
                                        "drop those options or start without --init")
     else:
         d2t = frequent_tokens(train, facts.n_vocab, cfg.draft_vocab) if cfg.draft_vocab else None
-        model = DraftModel(config_for_target(facts, cfg.n_layer, cfg.fusion, cfg.draft_vocab), embedding, head, d2t)
+        model = DraftModel(config_for_target(facts, cfg.n_layer, cfg.fusion, cfg.draft_vocab, cfg.intermediate_size),
+                           embedding, head, d2t)
     check_pairing(model.cfg, facts, str(init_from or out))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)

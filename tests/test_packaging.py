@@ -1,0 +1,60 @@
+"""A built wheel carries the shipped drafts, and an installed copy finds them (not the source tree)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_package_of_the_source_tree_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("dovetail_gguf", "convert")
+             for p in (ROOT / top).rglob("__init__.py")}
+    assert found - listed == set(), "add these packages to pyproject.toml's [tool.setuptools] packages"
+    assert "dovetail_gguf.drafts" in listed
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_the_drafts_and_its_install_uses_them(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("dovetail_gguf-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    drafts = [p.parent.name for p in (ROOT / "models").glob("*/config.json")]
+    assert drafts
+    for draft in drafts:
+        for file in ("config.json", "model.safetensors", "README.md"):
+            assert f"dovetail_gguf/drafts/{draft}/{file}" in names
+
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the installed copy, not the checkout: run outside the source tree with the install first on the path
+    script = (
+        "import dovetail_gguf, dovetail_gguf.models as m\n"
+        "from dovetail_gguf import Dovetail\n"
+        "from dovetail_gguf.target import TargetConfig\n"
+        "print(dovetail_gguf.__file__)\n"
+        "print(m.default_draft_path())\n"
+        "with Dovetail(target_config=TargetConfig(n_ctx=256, n_threads=2)) as dt:\n"
+        "    r = dt.generate('The capital of France is', max_tokens=4)\n"
+        "    print(dt.drafter_path, r.stats.rounds)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("DOVETAIL_DRAFT", None)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    module, draft, used = r.stdout.splitlines()[-3:]
+    assert module.startswith(str(site))
+    assert draft.startswith(str(site / "dovetail_gguf" / "drafts"))
+    assert used.split()[0] == draft  # the engine loaded the installed draft
