@@ -36,6 +36,7 @@ class Dovetail:
         draft: str | Path | None | bool = None,
         *,
         device: str = "auto",
+        draft_dtype: str = "auto",
         tree: TreeConfig | None = None,
         target_config: TargetConfig | None = None,
         adaptive: bool = True,
@@ -43,6 +44,7 @@ class Dovetail:
     ):
         """``draft``: a draft folder, None for the shipped default (if any), False for none.
 
+        ``draft_dtype``: the draft's weights, "auto" (bf16/fp16 on a GPU, fp32 on a CPU), "fp32", "bf16", "fp16".
         ``adaptive``: size each round's tree from measured costs and acceptance, and fall back
         to plain decoding where speculation does not pay; False always drafts ``tree``.
         ``ngram``: add continuations found earlier in the context as a free branch of each tree
@@ -56,7 +58,7 @@ class Dovetail:
             if draft_dir is not None:
                 from .draft.io import load_drafter
 
-                self.drafter = load_drafter(draft_dir, self.target, device=device)
+                self.drafter = load_drafter(draft_dir, self.target, device=device, dtype=draft_dtype)
                 self.drafter_path = draft_dir
             elif draft is True:
                 raise InvalidArgumentError("no draft given and no default draft is installed")

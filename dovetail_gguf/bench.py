@@ -105,6 +105,7 @@ class _LookupSystem:
 
 def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, threads: int | None = None,
               device: str = "auto", tree=None, n_ctx: int = 2048, systems=(PLAIN, LOOKUP, DOVETAIL),
+              draft_dtype: str = "auto",
               progress: bool = True, adaptive: bool = True, chat: bool = False, ngram: bool | None = None,
               exact: bool = False) -> dict:
     """Run every system on every prompt, interleaved; returns the raw records and the summary.
@@ -136,8 +137,8 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads, exact=True)
         engines[PLAIN_EXACT] = Dovetail(target_path, False, target_config=tcfg)
     if DOVETAIL in systems:
-        engines[DOVETAIL] = Dovetail(target_path, draft, device=device, tree=tree, target_config=tcfg, adaptive=adaptive,
-                                     ngram=ngram)
+        engines[DOVETAIL] = Dovetail(target_path, draft, device=device, draft_dtype=draft_dtype, tree=tree,
+                                     target_config=tcfg, adaptive=adaptive, ngram=ngram)
         if engines[DOVETAIL].drafter is None:
             raise InvalidArgumentError("no draft for this target: pass --draft DIR, or leave dovetail out of --systems")
     if NGRAM in systems:
@@ -169,6 +170,7 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         "target": str(plain.target.path), "draft": str(dovetail.drafter_path) if dovetail else None,
         "max_tokens": max_tokens, "n_prompts": len(prompts), "chat": chat, "n_ctx": n_ctx,
         "tree": vars(dovetail.engine.tree) if dovetail else None, "adaptive": adaptive,
+        "draft_dtype": str(dovetail.drafter.dtype).removeprefix("torch.") if dovetail else None,
         "verify_ms": next((e.engine._verify_ms for e in engines.values() if e.engine._verify_ms), None)},
         "records": [vars(r) for r in records],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}

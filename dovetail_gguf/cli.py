@@ -77,6 +77,9 @@ def draft_options(f):
                           "Default: on with a draft model, off without.")(f)
     f = click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                      help="Where the draft runs; auto picks CUDA when present.")(f)
+    f = click.option("--draft-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="The draft's weights: auto is bf16/fp16 on a GPU, fp32 on a CPU; "
+                                             "bf16 makes a CPU draft step cheaper (it reads half the bytes).")(f)
     f = click.option("--tree-tokens", type=click.IntRange(min=1, max=62), default=16, show_default=True, help="Draft tokens per tree (root not counted).")(f)
     f = click.option("--tree-depth", type=click.IntRange(min=1, max=32), default=7, show_default=True, help="Maximum tree depth.")(f)
     f = click.option("--tree-topk", type=click.IntRange(min=1, max=64), default=10, show_default=True, help="Children considered per expanded node.")(f)
@@ -129,6 +132,7 @@ class DraftChoice:
     no_draft: bool
     ngram: bool | None
     device: str
+    draft_dtype: str
     tree_tokens: int
     tree_depth: int
     tree_topk: int
@@ -136,8 +140,8 @@ class DraftChoice:
 
     @classmethod
     def take(cls, kw: dict) -> "DraftChoice":
-        return cls(*(kw.pop(k) for k in ("draft", "no_draft", "ngram", "device", "tree_tokens", "tree_depth",
-                                         "tree_topk", "fixed_tree")))
+        return cls(*(kw.pop(k) for k in ("draft", "no_draft", "ngram", "device", "draft_dtype", "tree_tokens",
+                                         "tree_depth", "tree_topk", "fixed_tree")))
 
     def tree(self):
         from .types import TreeConfig
@@ -171,7 +175,7 @@ class SamplingChoice:
 def load_dovetail(target: TargetChoice, draft: DraftChoice):
     from .api import Dovetail
 
-    return Dovetail(target.path(), draft.draft_arg, device=draft.device, tree=draft.tree(),
+    return Dovetail(target.path(), draft.draft_arg, device=draft.device, draft_dtype=draft.draft_dtype, tree=draft.tree(),
                     target_config=target.config(), adaptive=not draft.fixed_tree, ngram=draft.ngram)
 
 
@@ -473,7 +477,7 @@ def bench(prompts_file, n_prompts, max_tokens, chat, systems, json_out, plot_out
         chosen = tuple(s for s in chosen if s != DOVETAIL)
     prompts = file_prompts(prompts_file, n_prompts) if prompts_file else humaneval_prompts(n_prompts)
     report = run_bench(prompts, target.path(), draft.draft, max_tokens=max_tokens, threads=target.threads,
-                       device=draft.device, tree=draft.tree(), n_ctx=target.ctx_size, systems=chosen,
+                       device=draft.device, draft_dtype=draft.draft_dtype, tree=draft.tree(), n_ctx=target.ctx_size, systems=chosen,
                        adaptive=not draft.fixed_tree, chat=chat, ngram=draft.ngram, exact=target.exact)
     click.echo(format_table(report["summary"]))
     if json_out:

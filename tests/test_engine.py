@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from dovetail_gguf import Dovetail, TreeConfig
 from dovetail_gguf.draft.io import init_draft, save_draft
@@ -84,6 +85,19 @@ class OracleDrafter:
         toks = [int(tokens[-1])] + chain + [self.decoy] * len(chain)
         parents = [-1] + list(range(len(chain))) + list(range(len(chain)))
         return DraftTree(np.array(toks, np.int32), np.array(parents, np.int32), np.zeros(len(toks), np.float32))
+
+
+def test_a_bf16_draft_is_as_lossless_as_fp32(base, untrained_dir):
+    """--draft-dtype bf16 changes which tokens are drafted, never which are emitted."""
+    with Dovetail(draft=untrained_dir, device="cpu", draft_dtype="bf16", tree=TreeConfig(8, 4, 4),
+                  target_config=TCFG, adaptive=False) as dt:
+        assert dt.drafter.dtype == torch.bfloat16
+        for prompt in PROMPTS[:4]:
+            b = dt.generate(prompt, max_tokens=32)
+            assert b.tokens == base.generate(prompt, max_tokens=32).tokens, prompt
+            assert b.stats.rounds >= 1
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        Dovetail(draft=untrained_dir, device="cpu", draft_dtype="int4", target_config=TCFG)
 
 
 @pytest.mark.slow

@@ -226,14 +226,15 @@ def init_draft(target_path: str | os.PathLike, n_layer: int = 2, fusion: str = "
     return DraftModel(cfg, embedding, head, d2t)
 
 
-def load_drafter(draft_dir: str | os.PathLike, target, device: str = "auto"):
-    """A ready :class:`TreeDrafter` for a loaded :class:`Target`."""
-    from .tree import TreeDrafter, resolve_device
+def load_drafter(draft_dir: str | os.PathLike, target, device: str = "auto", dtype: str = "auto"):
+    """A ready :class:`TreeDrafter` for a loaded :class:`Target` (``dtype``: see :func:`resolve_dtype`)."""
+    from .tree import TreeDrafter, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     model = load_draft(draft_dir, target.path)
-    log.info("draft %s: %d layers, %s fusion, head vocab %d, on %s", draft_dir, model.cfg.n_layer,
-             model.cfg.fusion, model.cfg.head_vocab, dev)
-    drafter = TreeDrafter(model, target.n_ctx + 1, dev)
+    log.info("draft %s: %d layers, %s fusion, head vocab %d, on %s in %s", draft_dir, model.cfg.n_layer,
+             model.cfg.fusion, model.cfg.head_vocab, dev, torch_dtype)
+    drafter = TreeDrafter(model, target.n_ctx + 1, dev, torch_dtype)
     drafter.warm_up()  # part of loading: the first generation is timed without PyTorch's first-call costs
     return drafter

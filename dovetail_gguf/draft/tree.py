@@ -41,10 +41,25 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16/fp16 on a GPU, fp32 on the CPU; else 'fp32', 'bf16' or 'fp16'.
+
+    On a CPU, bf16 halves the bytes each draft step reads (benchmarks/draft_step.py measures it).
+    """
+    if name == "auto":
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise InvalidArgumentError(f"draft dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
 
 
 def order_best_first(parents: np.ndarray, scores: np.ndarray) -> np.ndarray:
