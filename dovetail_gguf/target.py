@@ -134,8 +134,9 @@ class Target:
     makes true and every method keeps:
 
     1. Sequence 0 holds exactly the committed tokens ``history[:n_past]``, at
-       positions ``0..n_past-1``; no other sequence holds a cell between calls
-       (checked after every commit: ``seq_pos_range(0) == (0, n_past - 1)``).
+       positions ``0..n_past-1``; no other sequence holds a cell, except the
+       paths of a pending tree (checked after every commit:
+       ``seq_pos_range(0) == (0, n_past - 1)``).
     2. Those tokens sit in cells ``0..n_past-1``, in position order, as plain
        one-token decoding would leave them: llama.cpp puts the rows of a batch
        into the lowest free cells, in row order, and cells freed from the end

@@ -65,3 +65,26 @@ def test_exact_mode_speculation_equals_plain_decoding(model, request, tmp_path, 
             spec = generate(Engine(t, oracle, TreeConfig(12, 6, 2), adaptive=False, ngram=True), prompt, 40)
             assert spec.tokens == ref.tokens, text
             assert spec.stats.mean_accepted_tokens > 2.5  # long accepted paths: every row agreed with plain decoding
+
+
+@pytest.mark.slow
+def test_the_shipped_qwen_draft_is_lossless_in_exact_mode(qwen_path):
+    """The default Qwen pair (shipped draft, chat requests, a fixed small tree): plain decoding's
+    tokens, with draft tokens accepted along the way."""
+    from dovetail_gguf import Dovetail
+    from dovetail_gguf.models import default_draft_for
+    from dovetail_gguf.gguf_io import read_facts
+
+    draft = default_draft_for(read_facts(qwen_path))
+    if draft is None:
+        pytest.skip("no shipped draft for Qwen2.5-Coder-0.5B")
+    cfg = TargetConfig(n_ctx=512, n_threads=2, exact=True)
+    chats = [[{"role": "user", "content": c}] for c in
+             ("Write a Python function that reverses a string.", "What does a list comprehension do?")]
+    with Dovetail(qwen_path, False, target_config=cfg) as plain, \
+            Dovetail(qwen_path, tree=TreeConfig(6, 4, 2), target_config=cfg, adaptive=False) as spec:
+        assert spec.drafter_path == draft
+        for chat in chats:
+            a, b = plain.chat(chat, max_tokens=32), spec.chat(chat, max_tokens=32)
+            assert b.tokens == a.tokens
+            assert b.stats.accepted_tokens > b.stats.rounds  # the draft's tokens were accepted, not only bonus tokens
