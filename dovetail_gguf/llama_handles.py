@@ -24,8 +24,28 @@ from .errors import InvalidArgumentError, LlamaCallError, ModelFileError
 from .gguf_io import ModelFacts
 
 
-class LlamaModel:
-    """A loaded GGUF model (``llama_model*``)."""
+class _OwnedHandle:
+    """A C handle this object frees exactly once: on :meth:`close`, or when collected."""
+
+    handle = None
+
+    def _free(self, handle) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.handle:
+            self._free(self.handle)
+            self.handle = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaModel(_OwnedHandle):
+    """A loaded GGUF model (``llama_model*``). Contexts made from it must be closed first."""
 
     def __init__(self, facts: ModelFacts, n_gpu_layers: int = 0, use_extra_buffers: bool = True):
         import llama_cpp
@@ -44,17 +64,8 @@ class LlamaModel:
         self.vocab = Vocab(self)
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.handle))
 
-    def close(self) -> None:
-        """Free the model. Contexts made from it must be closed first."""
-        if self.handle:
-            self._lib.llama_model_free(self.handle)
-            self.handle = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+    def _free(self, handle) -> None:
+        self._lib.llama_model_free(handle)
 
 
 class Vocab:
@@ -148,8 +159,8 @@ class Batch:
         b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
         self.struct = b
 
-    def set_rows(self, tokens: np.ndarray, positions: np.ndarray, seq_ids: np.ndarray) -> None:
-        """Row i: ``tokens[i]`` at ``positions[i]`` of the single sequence ``seq_ids[i]``."""
+    def set_rows(self, tokens: np.ndarray, positions: np.ndarray, seq_ids: np.ndarray | int) -> None:
+        """Row i: ``tokens[i]`` at ``positions[i]`` of the single sequence ``seq_ids[i]`` (an int: all rows')."""
         n = tokens.shape[0]
         self.token[:n] = tokens
         self.pos[:n] = positions
@@ -160,7 +171,7 @@ class Batch:
     def set_chain(self, tokens: np.ndarray, first_pos: int) -> None:
         """Consecutive tokens of sequence 0 from position ``first_pos``."""
         n = tokens.shape[0]
-        self.set_rows(tokens, np.arange(first_pos, first_pos + n, dtype=np.int32), np.zeros(n, dtype=np.int32))
+        self.set_rows(tokens, np.arange(first_pos, first_pos + n, dtype=np.int32), 0)
 
     def set_tree(self, tokens: np.ndarray, positions: np.ndarray, seq_ids: np.ndarray, n_seq_ids: np.ndarray) -> None:
         """Row i: ``tokens[i]`` at ``positions[i]``, in the ``n_seq_ids[i]`` sequences ``seq_ids[i, :n]``."""
@@ -172,7 +183,7 @@ class Batch:
         self.struct.n_tokens = n
 
 
-class LlamaContext:
+class LlamaContext(_OwnedHandle):
     """A ``llama_context*`` and its KV memory, made from a :class:`LlamaModel` (which must outlive it).
 
     Every row of a decode outputs logits and the post-norm hidden state
@@ -202,16 +213,8 @@ class LlamaContext:
         self.n_embd = model.n_embd
         self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
 
-    def close(self) -> None:
-        if self.handle:
-            self._lib.llama_free(self.handle)
-            self.handle = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+    def _free(self, handle) -> None:
+        self._lib.llama_free(handle)
 
     def decode(self, batch: Batch) -> None:
         """``llama_decode``. Its codes (llama.h): 0 ok; 1 no KV slot for the batch; -1 invalid batch;
