@@ -93,6 +93,9 @@ def probe_exact_rows(target, limit: int, sizes=(4, 8, 16, 32, 64)) -> int:
     return exact
 
 
+IMPLAUSIBLE_BELOW_T1 = 0.8  # a cached t(k) under this fraction of t(1) marks an entry timed on a busy machine
+
+
 def load_costs(target) -> dict[int, float] | None:
     """Cached t(k) in ms for this target and settings, or None."""
     entry = _read_all().get(cost_key(target))
@@ -103,6 +106,9 @@ def load_costs(target) -> dict[int, float] | None:
     except (TypeError, ValueError):
         return None
     if 1 not in costs or not all(np.isfinite(v) and v > 0 for v in costs.values()):
+        return None
+    if min(costs.values()) < IMPLAUSIBLE_BELOW_T1 * costs[1]:  # k rows never cost less than one: timed under load
+        log.info("cached t(k) for %s look measured under load (t(1) %.1f ms); measuring again", target.path.name, costs[1])
         return None
     return costs
 

@@ -98,6 +98,12 @@ def test_costs_are_measured_once_and_reused_by_a_later_engine(smollm2_path, tmp_
             assert result.stats.n_tokens == 8
         assert len(calls) == expect_calls  # a second engine, same settings: no calibration decode
     assert (tmp_path / "verify_costs.json").is_file()
+    # costs timed on a busy machine (one row dearer than three) are measured again, not trusted
+    with Target(smollm2_path, TargetConfig(n_ctx=512, n_threads=2)) as t:
+        engine_mod.save_costs(t, {1: 72.9, 2: 54.8, 3: 39.1})
+        assert engine_mod.load_costs(t) is None
+        run(Engine(t, None, adaptive=True, ngram=True), prompt, 8)
+        assert len(calls) == 3
 
 
 def test_start_up_near_the_context_end_still_generates(smollm2_path, tmp_path, monkeypatch):
