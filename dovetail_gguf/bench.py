@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .costs import interpolate
 from .errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class RunRecord:
     accepted_tokens: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    verified_rows: int = 0
+    depth_drafted: list[int] = field(default_factory=list)
+    depth_accepted: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -161,7 +165,8 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
                 r = engine.generate_tokens(tokens, max_tokens=max_tokens)
                 s = r.stats
                 records.append(RunRecord(system, i, s.n_tokens, s.decode_seconds, r.tokens, r.text, s.rounds,
-                                         s.accepted_tokens, s.draft_seconds, s.verify_seconds))
+                                         s.accepted_tokens, s.draft_seconds, s.verify_seconds, s.verified_rows,
+                                         s.depth_drafted, s.depth_accepted))
             bar.update(1)
     bar.close()
     dovetail = engines.get(DOVETAIL)
@@ -175,13 +180,48 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         "records": [vars(r) for r in records],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}
     report["settings"]["exact"] = exact
-    report["summary"] = summarize(records, reference={NGRAM: PLAIN_EXACT, DOVETAIL: PLAIN_EXACT} if exact else None)
+    costs = engines[DOVETAIL].engine._verify_ms if DOVETAIL in engines else None
+    report["summary"] = summarize(records, reference={NGRAM: PLAIN_EXACT, DOVETAIL: PLAIN_EXACT} if exact else None,
+                                  verify_ms=costs or report["settings"]["verify_ms"])
     return report
 
 
-def summarize(records: list[RunRecord], reference: dict[str, str] | None = None) -> dict:
+def acceptance_by_depth(records: list[RunRecord]) -> list[float]:
+    """P(a round accepts at least d draft-tree tokens | its tree reached depth d), for d = 1, 2, ..."""
+    depth = max((len(r.depth_drafted) for r in records), default=0)
+    drafted, accepted = np.zeros(depth), np.zeros(depth)
+    for r in records:
+        drafted[: len(r.depth_drafted)] += r.depth_drafted
+        accepted[: len(r.depth_accepted)] += r.depth_accepted
+    return [float(a / d) for a, d in zip(accepted, drafted) if d > 0]
+
+
+def roofline(verify_ms: dict[int, float], acceptance: list[float]) -> tuple[float, int]:
+    """Best speedup over plain decoding that a draft costing nothing could give on this machine:
+    a chain of D draft tokens accepted as measured by depth, verified in t(D + 1).
+
+    Returns (speedup, D). An upper bound for these costs and this acceptance (a chain accepts
+    no more than the wider trees it was measured on).
+    """
+    best, best_depth = 1.0, 0
+    one = interpolate(verify_ms, 1)
+    reach = np.cumprod(acceptance) if acceptance else np.zeros(0)  # P(accepted length >= d), d = 1..D
+    for depth in range(1, reach.size + 1):
+        speed = (1.0 + float(reach[:depth].sum())) * one / float(interpolate(verify_ms, depth + 1))
+        if speed > best:
+            best, best_depth = speed, depth
+    return best, best_depth
+
+
+def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
+              verify_ms: dict[int, float] | None = None) -> dict:
     """Per system: tokens/s, median per-prompt speedup over plain, τ, time split, identity with plain
-    (or with the system ``reference`` names for it, e.g. plain-exact for exact-mode systems)."""
+    (or with the system ``reference`` names for it, e.g. plain-exact for exact-mode systems).
+
+    Speculative systems also get their acceptance by depth and, with the measured t(k) in
+    ``verify_ms``: ``free_draft_speedup``, what their own rounds would give if drafting and
+    everything but verification cost nothing, and the chain ``roofline`` (see :func:`roofline`).
+    """
     by = {}
     for r in records:
         by.setdefault(r.system, {})[r.prompt_index] = r
@@ -210,6 +250,15 @@ def summarize(records: list[RunRecord], reference: dict[str, str] | None = None)
                                                                else (runs[i].tokens != ref[i].tokens))],
             "identity_reference": (reference or {}).get(system, PLAIN),
         }
+        if rounds and system not in (PLAIN, PLAIN_EXACT):
+            rows = sum(r.verified_rows for r in rs)
+            accept = acceptance_by_depth(rs)
+            extra = {"rows_per_round": rows / rounds, "acceptance_by_depth": accept}
+            if verify_ms and rows:
+                tau, one = out[system]["tau"], float(interpolate(verify_ms, 1))
+                extra["free_draft_speedup"] = tau * one / float(interpolate(verify_ms, rows / rounds))
+                extra["roofline"], extra["roofline_depth"] = roofline(verify_ms, accept)
+            out[system].update(extra)
     return out
 
 
@@ -225,6 +274,15 @@ def format_table(summary: dict) -> str:
         lines.append(f"{system:<15}{s['tokens_per_second']:>9.1f}{fmt(s['speedup_median'], '>9.2f')}{fmt(s['tau'], '>7.2f')}"
                      f"{s['draft_seconds']:>9.2f}{s['verify_seconds']:>10.2f}{fmt(s['other_seconds'], '>9.2f')}  "
                      f"{same}{'' if ref == PLAIN or system == ref else f' vs {ref}'}")
+    for system, s in summary.items():  # where the speculative systems' time goes, against what t(k) allows
+        if s.get("acceptance_by_depth") is None:
+            continue
+        accept = " ".join(f"{a:.2f}" for a in s["acceptance_by_depth"]) or "-"
+        line = f"{system}: rows/round {s['rows_per_round']:.2f}, acceptance by depth {accept}"
+        if "roofline" in s:
+            line += (f"; free draft {s['free_draft_speedup']:.2f}x, "
+                     f"chain roofline {s['roofline']:.2f}x (depth {s['roofline_depth']})")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -229,6 +229,7 @@ class Engine:
         stats.verify_seconds += seconds
         self._record_cost(1, seconds)
         stats.accepted_tokens += 1
+        stats.verified_rows += 1
         return [sample_token(logits, params, rng)]
 
     def _draft(self, root: int, tree: TreeConfig, draft_len: int) -> DraftTree:
@@ -265,6 +266,9 @@ class Engine:
         on_chain = int(np.isin(acc.path[1:], chain_nodes).sum())
         pending = [*res.layout.tokens[acc.path[1:]].tolist(), acc.next_token]
         stats.accepted_tokens += len(pending)
+        stats.verified_rows += tokens.size
+        if proposal is not None:
+            stats.record_tree(reached, on_tree)
         return pending, reached, on_tree, on_chain
 
     def _chain(self, root: int, room: int, n_tree_nodes: int, tree_expected: float) -> np.ndarray:

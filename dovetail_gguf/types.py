@@ -67,6 +67,11 @@ class GenerationStats:
     n_tokens: int = 0
     rounds: int = 0
     accepted_tokens: int = 0  # tokens emitted by rounds (bonus included)
+    verified_rows: int = 0  # target rows evaluated by rounds (1 for a plain step)
+    # per draft-tree depth d (index d - 1): rounds whose draft tree reached depth d, and those
+    # that accepted at least d of its tokens; their ratio is the acceptance by depth
+    depth_drafted: list[int] = field(default_factory=list)
+    depth_accepted: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -89,6 +94,16 @@ class GenerationStats:
     def mean_accepted_tokens(self) -> float:
         """τ: tokens a round emits on average, the target's bonus token included."""
         return self.accepted_tokens / self.rounds if self.rounds else 0.0
+
+    def record_tree(self, reached: int, accepted: int) -> None:
+        """A round verified a draft tree ``reached`` levels deep and accepted ``accepted`` of its tokens."""
+        grow = reached - len(self.depth_drafted)
+        if grow > 0:
+            self.depth_drafted.extend([0] * grow)
+            self.depth_accepted.extend([0] * grow)
+        for d in range(reached):
+            self.depth_drafted[d] += 1
+            self.depth_accepted[d] += d < accepted
 
     def to_dict(self) -> dict:
         d = asdict(self)

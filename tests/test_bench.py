@@ -43,5 +43,11 @@ def test_bench_json_and_plot(tmp_path, smollm2_path):
     assert summary["dovetail"]["identical_to_plain"] is True  # greedy Dovetail is lossless
     assert summary["ngram"]["identical_to_plain"] is True
     assert summary["plain"]["speedup_median"] == pytest.approx(1.0)
+    assert "acceptance_by_depth" not in summary["plain"]
+    s = summary["dovetail"]  # where the time goes, against what t(k) allows
+    assert s["rows_per_round"] == pytest.approx(sum(r["verified_rows"] for r in dov) / sum(r["rounds"] for r in dov))
+    assert s["rows_per_round"] >= 1 and all(0 <= a <= 1 for a in s["acceptance_by_depth"])
+    assert s["roofline"] >= 1.0 and s["free_draft_speedup"] > 0
+    assert "acceptance by depth" in r.stdout and "roofline" in r.stdout
     assert report["peak_rss_bytes"] > 50 * 2**20
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

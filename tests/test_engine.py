@@ -133,6 +133,11 @@ def test_eos_inside_an_accepted_path_and_max_token_cuts(base):
             full = base.generate_tokens(prompt, max_tokens=200)
             assert full.tokens == ref.tokens and full.finish_reason == "stop"
             assert full.stats.mean_accepted_tokens > 2  # long accepted paths, EOS inside the last one
+            s = full.stats
+            assert len(s.depth_drafted) >= 3 and s.depth_accepted == s.depth_drafted  # the oracle's chain is always right
+            assert s.depth_drafted[0] == s.rounds and s.depth_drafted == sorted(s.depth_drafted, reverse=True)
+            assert sum(s.depth_accepted) + s.rounds == s.accepted_tokens  # each emitted token: a tree node or the bonus
+            assert s.verified_rows > s.accepted_tokens  # the decoys were verified too
             for cut in (1, 2, 5, len(ref.tokens) - 1):
                 base.engine.set_drafter(OracleDrafter(len(prompt), ref.tokens + [eot]))
                 r = base.generate_tokens(prompt, max_tokens=cut)

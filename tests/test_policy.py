@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dovetail_gguf.policy import TreePolicy
 
 # SmolLM2 on this machine, 2 threads: t(k) in ms, roughly (see benchmarks/verify_cost.py)
@@ -67,3 +69,16 @@ def test_a_round_that_catches_the_draft_up_does_not_set_the_draft_cost():
     assert p.draft_ms_per_depth == 2.0  # the first typical round sets it
     p.observe(depth=1, accepted=1, draft_ms=None)
     assert p.draft_ms_per_depth == 2.0
+
+
+def test_roofline_and_acceptance_by_depth_from_bench_records():
+    from dovetail_gguf.bench import RunRecord, acceptance_by_depth, roofline
+
+    runs = [RunRecord("dovetail", 0, 10, 1.0, rounds=4, depth_drafted=[4, 4, 2], depth_accepted=[3, 2, 1]),
+            RunRecord("dovetail", 1, 10, 1.0, rounds=2, depth_drafted=[2], depth_accepted=[0])]
+    assert acceptance_by_depth(runs) == [0.5, 0.5, 0.5]  # P(accepted >= d | reached d)
+    linear = {k: 10.0 * k for k in (1, 2, 4, 8)}  # a compute-bound CPU: k rows cost k times one
+    assert roofline(linear, [0.9, 0.9, 0.9]) == (1.0, 0)  # nothing beats plain decoding there
+    assert roofline(FLAT, []) == (1.0, 0)
+    speed, depth = roofline(FLAT, [0.8, 0.75, 0.5])
+    assert depth == 3 and speed == pytest.approx((1 + 0.8 + 0.6 + 0.3) * 55.0 / 61.0)
