@@ -1,11 +1,12 @@
 """Verification costs t(k), measured once per machine, target file and thread count, cached on disk.
 
 The adaptive engine needs t(k), the time one ``llama_decode`` of a k-node tree
-takes, to size its trees. Measuring it costs a few decodes, which a short
-generation notices; so the figures are kept in ``verify_costs.json`` in the
-user's cache folder (see :func:`dovetail_gguf.models.cache_dir`) and every
-later process on the same machine, file and settings reuses them. The engine
-keeps refining them from the rounds it runs.
+takes, to size its trees. Where none are cached, its first rounds verify
+``CALIBRATION_SIZES`` rows in turn (real rounds, whose tokens are kept) and
+time them. The figures are kept in ``verify_costs.json`` in the user's cache
+folder (see :func:`dovetail_gguf.models.cache_dir`) and every later process on
+the same machine, file and settings reuses them. The engine keeps refining
+them from the rounds it runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from .models import cache_dir
 log = logging.getLogger(__name__)
 
 COSTS_FILE = "verify_costs.json"
-CALIBRATION_SIZES = (1, 2, 4)  # the rest is measured by the rounds that use them, then cached
+CALIBRATION_SIZES = (1, 2, 4)  # rows of the first rounds where nothing is cached; other sizes: when first used
 
 
 def cost_key(target) -> str:
@@ -135,6 +135,8 @@ def _write_entry(key: str, value) -> None:
 def interpolate(costs: dict[int, float], n):
     """t(n) from measured sizes (``n`` a number or an array): linear between them, and past the
     largest along the last two points' slope."""
+    if np.ndim(n) == 0 and n in costs:  # the common case, a measured size: no arrays
+        return float(costs[n])
     ks = np.array(sorted(costs), dtype=np.float64)
     vs = np.array([costs[k] for k in sorted(costs)], dtype=np.float64)
     out = np.interp(n, ks, vs)
@@ -152,26 +154,3 @@ def update_cost(costs: dict[int, float], n: int, ms: float, rate: float = 0.1) -
         return 1.0
     costs[n] = old + rate * (ms - old)
     return abs(costs[n] - old) / max(old, 1e-9)
-
-
-def measure_costs(target, max_nodes: int, repeats: int = 1, sizes=CALIBRATION_SIZES) -> dict[int, float]:
-    """t(k) in ms for chains of k random tokens after the current context, k in ``sizes`` up to ``max_nodes``.
-
-    Uses only the room the context has left (sizes that do not fit are skipped)
-    and leaves the cache as it found it. One warm-up decode comes first.
-    """
-    n_past = target.n_past
-    room = min(target.n_ctx, target.n_cells) - n_past
-    sizes = [k for k in sizes if k <= min(max_nodes, room)]
-    rng = np.random.default_rng(0)
-    cost: dict[int, float] = {}
-    for k in [sizes[0]] + sizes if sizes else []:
-        best = float("inf")
-        for _ in range(repeats):
-            tokens = rng.integers(0, target.n_vocab, size=k).astype(np.int32)
-            t0 = time.perf_counter()
-            target.verify_tree(tokens, np.arange(-1, k - 1))
-            best = min(best, time.perf_counter() - t0)
-            target.truncate(n_past)
-        cost[k] = 1000 * best  # the warm-up's entry is overwritten by the real one
-    return cost

@@ -15,10 +15,10 @@ import numpy as np
 
 from .accept import SamplingParams, accept_greedy, accept_sampling, sample_token
 from .costs import (
+    CALIBRATION_SIZES,
     interpolate,
     load_costs,
     load_exact_rows,
-    measure_costs,
     probe_exact_rows,
     save_costs,
     save_exact_rows,
@@ -122,6 +122,7 @@ class Engine:
         self.policy: TreePolicy | None = None
         self.chain_policy = ChainPolicy(max_len=min(8, self.target.max_tree_nodes - 1)) if self.ngram else None
         self._verify_ms: dict[int, float] | None = None  # t(k), measured or cached, for the policies
+        self._calibration: list[int] = []  # rows the next rounds verify to time t(k), when no cache had it
         self._costs_dirty = False
         # target hidden state of every committed position, so a drafter can resume after prefix reuse
         self._hidden = np.zeros((self.target.n_ctx, self.target.n_embd), dtype=np.float32) if drafter else None
@@ -173,28 +174,62 @@ class Engine:
         return logits, held
 
     def _costs(self) -> dict[int, float] | None:
-        """t(k) in ms, shared by the policies: cached for this machine, file and threads, else t(1),
-        t(2) and t(4) measured now (four small decodes); every later decode refines them and adds the
-        sizes it uses. None when the context has no room to measure."""
+        """t(k) in ms, shared by the policies, or None while they are being measured.
+
+        Cached for this machine, file and threads; else the next rounds time them (see
+        :meth:`_calibration_round`) and the policies start once they have. Every later decode
+        refines them and adds the sizes it uses.
+        """
         if self._verify_ms is None:
-            t = self.target
-            costs = load_costs(t)
+            costs = load_costs(self.target)
             if costs is None:
-                costs = measure_costs(t, t.max_tree_nodes)
-                if len(costs) < 2:
-                    return None
-                log.info("verification cost (ms) by rows: %s", {k: round(v, 2) for k, v in costs.items()})
+                self._verify_ms = {}
+                self._calibration = [k for k in (1, *CALIBRATION_SIZES) if k <= self._node_limit()]
+                return None
             self._verify_ms = costs
-        return self._verify_ms
+        return None if self._calibration else self._verify_ms
 
     def _record_cost(self, n: int, seconds: float) -> None:
         """A decode of ``n`` rows took ``seconds``: refine t(n) (the context grows, machines drift)."""
         if self._verify_ms is None:
             return
-        update_cost(self._verify_ms, n, 1000 * seconds)
+        ms = 1000 * seconds
+        if self._calibration:  # the quickest of the calibration rounds' timings: a first decode can be slow
+            self._verify_ms[n] = min(self._verify_ms.get(n, ms), ms)
+            return
+        update_cost(self._verify_ms, n, ms)
         self._costs_dirty = True
         if self.policy is not None:
             self.policy.costs_changed(n)
+
+    def _calibration_round(self, root: int, room: int, free_cells: int, params: SamplingParams, rng,
+                           stats: GenerationStats) -> list[int]:
+        """A round of the size t(k) is next measured for, so timing costs no decode of its own.
+
+        One row is a plain step; k rows verify the root and k - 1 free guesses: the n-gram
+        continuation, padded with the root token (no drafting: on a CPU a draft call can cost
+        more than the decode it times). Once every size has had its round, the costs are logged
+        and the policies start (or, if some size found no room, the next generation tries again).
+        """
+        t = self.target
+        rows = self._calibration.pop(0)
+        if rows == 1 or room < 2 or free_cells < 2:
+            pending = self._plain_step(root, params, rng, stats)
+        else:
+            n = min(rows - 1, room - 1, free_cells - 1)
+            found = ngram_lookup(np.append(t.history(0), root).astype(np.int32), n)
+            chain = np.concatenate([found, np.full(n - found.size, root, dtype=np.int32)])
+            pending = self._tree_step(root, None, chain, params, rng, stats)[0]
+        if not self._calibration:
+            measured = {k: round(v, 2) for k, v in sorted(self._verify_ms.items())}
+            if len(measured) < 2:  # no room for a tree: measure again next time
+                self._verify_ms = None
+                return pending
+            log.info("verification cost (ms) by rows: %s", measured)
+            self._costs_dirty = True
+            if self.adaptive and self.drafter is not None and self.policy is None:
+                self.policy = self._make_policy()
+        return pending
 
     def _exact_rows(self) -> int:
         """In exact mode: the largest tree whose rows the target computes as one-token decodes (cached)."""
@@ -296,7 +331,7 @@ class Engine:
             if self.target.config.exact and self._max_nodes is None:
                 self._max_nodes = self._exact_rows()
             if self.adaptive and self.drafter is not None and self.policy is None:
-                self.policy = self._make_policy()  # measures t(k) unless cached
+                self.policy = self._make_policy()  # None until t(k) is known (cached, or timed by the first rounds)
             elif self.adaptive and self.ngram:
                 self._costs()
             pending = [sample_token(logits, params, rng)]
@@ -337,6 +372,8 @@ class Engine:
         """
         t, drafter = self.target, self.drafter
         free_cells = min(t.n_cells - t.n_past, t.window_room)
+        if self._calibration:
+            return self._calibration_round(root, room, min(free_cells, self._node_limit()), params, rng, stats)
         within_reach = drafter is not None and t.n_past <= getattr(drafter, "max_positions", t.n_ctx)  # else plain
         tree = self._next_tree(room, free_cells) if within_reach else None
         proposal, draft_ms, steady = None, None, False

@@ -10,7 +10,6 @@ so one verification covers both; with no draft model it is a mode of its own.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 def lookup(context: np.ndarray, max_len: int, max_ngram: int = 4, min_ngram: int = 2) -> np.ndarray:
@@ -20,14 +19,16 @@ def lookup(context: np.ndarray, max_len: int, max_ngram: int = 4, min_ngram: int
     ``context`` is every token so far, the last one included (int32, 1-D).
     """
     size = context.shape[0]
-    if max_len < 1:
+    if max_len < 1 or size < 2:
         return context[:0]
+    # an earlier match ends where the last token occurred before: only those places are compared
+    ends = np.flatnonzero(context[: size - 1] == context[size - 1])  # each has a token after it
     for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
-        # windows starting at 0 .. size-n-1: each has at least one token after it
-        windows = sliding_window_view(context[: size - 1], n)  # [size - n, n]
-        hits = np.flatnonzero((windows == context[size - n :]).all(axis=1))
+        hits = ends[ends >= n - 1]  # room for n tokens up to the end
+        for back in range(1, n):
+            hits = hits[context[hits - back] == context[size - 1 - back]]
         if hits.size:
-            start = int(hits[-1]) + n  # the most recent match
+            start = int(hits[-1]) + 1  # the most recent match
             return context[start : start + max_len]
     return context[:0]
 

@@ -59,23 +59,36 @@ class TreePolicy:
         """Tokens a round with a tree of ``depth`` levels emits on average (the bonus token included)."""
         return float(self._reach[: depth + 1].sum())
 
-    def speed(self, depth: int, tokens: int) -> float:
-        expected = float(self._reach[: depth + 1].sum())
-        cost = self.draft_ms_fixed + self.draft_ms_per_depth * depth + self.verify_cost(tokens + 1)
-        return expected / cost
+    def round_ms(self, depth, tokens):
+        """Drafting ``depth`` levels and verifying ``tokens`` draft nodes plus the root (numbers or arrays)."""
+        return self.draft_ms_fixed + self.draft_ms_per_depth * depth + self.verify_cost(tokens + 1)
 
-    def candidates(self):
-        for depth in range(1, self.max_depth + 1):
-            for width in (1, 2, 3):
-                tokens = min(self.max_tokens, depth * width)
-                if tokens >= depth:
-                    yield depth, tokens
+    def speed(self, depth, tokens):
+        """Expected tokens per ms of a tree (numbers or arrays)."""
+        return np.cumsum(self._reach)[depth] / self.round_ms(depth, tokens)
+
+    def perfect_speed(self) -> float:
+        """Tokens per ms of the best chain if every drafted token were accepted: no draft beats it."""
+        depth = np.arange(1, self.max_depth + 1)
+        return float(((depth + 1) / self.round_ms(depth, depth)).max())
+
+    def candidates(self) -> tuple[np.ndarray, np.ndarray]:
+        """(depths, draft tokens) of the trees considered: 1 to 3 nodes per level, in that order."""
+        depth = np.repeat(np.arange(1, self.max_depth + 1), 3)
+        tokens = np.minimum(self.max_tokens, depth * np.tile([1, 2, 3], self.max_depth))
+        keep = tokens >= depth
+        return depth[keep], tokens[keep]
+
+    def _fastest(self, depth: np.ndarray, tokens: np.ndarray) -> tuple[tuple[int, int], float]:
+        speed = self.speed(depth, tokens)
+        i = int(np.argmax(speed))
+        return (int(depth[i]), int(tokens[i])), float(speed[i])
 
     def choose(self) -> tuple[int, int] | None:
         """(depth, tokens) of the next tree, or None for a plain step."""
         if self._best is None:
-            best = max(self.candidates(), key=lambda c: self.speed(*c))
-            self._best = best if self.speed(*best) > 1.0 / self.verify_cost(1) else (0, 0)
+            best, speed = self._fastest(*self.candidates())
+            self._best = best if speed > 1.0 / self.verify_cost(1) else (0, 0)
             self._chosen_at = dict(self.verify_ms)
         if self._best != (0, 0):
             self._plain_steps, self._probe_gap = 0, self.probe_every
@@ -83,9 +96,14 @@ class TreePolicy:
         self._plain_steps += 1
         if self._plain_steps >= self._probe_gap:  # look again, less often while probes keep failing
             self._plain_steps = 0
-            self._probe_gap = min(2 * self._probe_gap, 16 * self.probe_every)
-            small = [c for c in self.candidates() if c[1] <= PROBE_MAX_TOKENS]  # probes stay cheap
-            return max(small, key=lambda c: self.speed(*c))
+            longest = 16 * self.probe_every
+            if self._probe_gap < longest and self.perfect_speed() <= 1.0 / self.verify_cost(1):
+                self._probe_gap = longest  # not even a perfect draft would pay: look again only rarely
+                return None
+            self._probe_gap = min(2 * self._probe_gap, longest)
+            depth, tokens = self.candidates()
+            small = tokens <= PROBE_MAX_TOKENS  # probes stay cheap
+            return self._fastest(depth[small], tokens[small])[0]
         return None
 
     def observe(self, depth: int, accepted: int, draft_ms: float | None) -> None:
@@ -135,7 +153,9 @@ class ChainPolicy:
 
     max_len: int = 8
     probe_every: int = 16  # rounds passed over before a chain is looked for and verified anyway
+    reuse_for: int = 8  # rounds a choice is reused for while nothing was observed (t(k) drifts slowly)
     _reach: np.ndarray = field(default=None, repr=False)
+    _memo: tuple | None = None  # (inputs, length, rounds left) of the last choice
     _rounds: int = 0
     _skipped: int = 0
     _probe_gap: int = 0
@@ -156,11 +176,14 @@ class ChainPolicy:
         limit = min(limit, self.max_len)
         if limit < 1:
             return 0
-        share = 1.0 if base_nodes <= 1 else 0.5
-        gain = np.concatenate([[0.0], np.cumsum(self._reach[1 : limit + 1]) * share])  # [limit + 1]
-        speed = (base_expected + gain) / cost(base_nodes + np.arange(limit + 1))
-        best = int(np.argmax(speed))
-        if best > 0 and speed[best] > speed[0] * 1.02:  # a clear win only: timing noise is no reason to verify more
+        inputs = (limit, base_nodes, round(base_expected, 2))
+        if self._memo is not None and self._memo[0] == inputs and self._memo[2] > 0:
+            best = self._memo[1]  # the same question as last round: the same answer, without numpy
+            self._memo = (inputs, best, self._memo[2] - 1)
+        else:
+            best = self._best_length(limit, cost, base_nodes, base_expected)
+            self._memo = (inputs, best, self.reuse_for - 1)
+        if best > 0:
             return best
         self._skipped += 1
         if self._skipped >= self._probe_gap:  # look again: the text may have turned repetitive
@@ -168,8 +191,17 @@ class ChainPolicy:
             return min(limit, PROBE_MAX_TOKENS)  # a short, cheap chain
         return 0
 
+    def _best_length(self, limit: int, cost, base_nodes: int, base_expected: float) -> int:
+        """The chain length with the most tokens per ms; 0 unless it clearly beats no chain."""
+        share = 1.0 if base_nodes <= 1 else 0.5
+        gain = np.concatenate([[0.0], np.cumsum(self._reach[1 : limit + 1]) * share])  # [limit + 1]
+        speed = (base_expected + gain) / cost(base_nodes + np.arange(limit + 1))
+        best = int(np.argmax(speed))
+        return best if best > 0 and speed[best] > speed[0] * 1.02 else 0  # timing noise is no reason to verify more
+
     def observe(self, length: int, accepted: int) -> None:
         """A verified chain of ``length`` tokens of which the first ``accepted`` were accepted."""
+        self._memo = None
         self._rounds += 1
         self._reach = update_reach(self._reach, min(length, self.max_len), accepted, 0.5 if self._rounds <= 5 else 0.2)
         if self._probing:  # a probe that found little waits twice as long for the next one

@@ -82,3 +82,15 @@ def test_roofline_and_acceptance_by_depth_from_bench_records():
     assert roofline(FLAT, []) == (1.0, 0)
     speed, depth = roofline(FLAT, [0.8, 0.75, 0.5])
     assert depth == 3 and speed == pytest.approx((1 + 0.8 + 0.6 + 0.3) * 55.0 / 61.0)
+
+
+def test_where_not_even_a_perfect_draft_could_pay_probes_are_rare():
+    linear = {k: 10.0 * k for k in (1, 2, 4, 8, 16)}  # k rows cost k decodes: a compute-bound CPU
+    p = policy(linear, draft_ms=5.0)
+    assert p.perfect_speed() < 1 / linear[1]
+    probes = [i for i in range(140) if p.choose() is not None]
+    assert probes == [67, 131]  # not after 4 plain steps, only at the longest gap (16 x 4), to re-measure
+    p.draft_ms_per_depth = 0.0  # a free draft where extra rows cost little would pay
+    p.verify_ms.update({2: 10.5, 4: 11.0})
+    p.costs_changed(2)
+    assert p.perfect_speed() > 1 / linear[1]

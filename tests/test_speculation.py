@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import dovetail_gguf.costs as costs_mod
 import dovetail_gguf.engine as engine_mod
 from dovetail_gguf.engine import Engine, GenerateOptions
 from dovetail_gguf.ngram import lookup, merge_chain
@@ -24,6 +25,20 @@ def test_lookup_takes_the_most_recent_longest_match():
     # a longer match wins over a more recent shorter one
     ctx = np.array([5, 1, 2, 3, 4, 6, 2, 3, 8, 1, 2, 3], dtype=np.int32)
     np.testing.assert_array_equal(lookup(ctx, 2), [4, 6])
+
+
+def test_lookup_equals_a_plain_scan_of_every_earlier_window():
+    def scan(ctx, max_len, max_ngram=4, min_ngram=2):  # the definition, written out
+        for n in range(min(max_ngram, len(ctx) - 1), min_ngram - 1, -1):
+            for s in range(len(ctx) - n - 1, -1, -1):  # most recent first; a token must follow the window
+                if list(ctx[s : s + n]) == list(ctx[-n:]):
+                    return list(ctx[s + n : s + n + max_len])
+        return []
+
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        ctx = rng.integers(0, 4, size=int(rng.integers(1, 40))).astype(np.int32)  # 4 symbols: many repeats
+        assert lookup(ctx, 5).tolist() == scan(ctx, 5), ctx
 
 
 def test_merge_chain_shares_existing_nodes():
@@ -85,25 +100,38 @@ def test_ngram_mode_equals_plain_on_text_that_does_not_repeat(smol, tmp_path, mo
     assert run(Engine(smol, None, ngram=True), prompt, 40).tokens == run(Engine(smol), prompt, 40).tokens
 
 
-def test_costs_are_measured_once_and_reused_by_a_later_engine(smollm2_path, tmp_path, monkeypatch):
+def test_costs_are_timed_by_the_first_rounds_once_and_reused_by_a_later_engine(smollm2_path, tmp_path, monkeypatch):
+    """No decode is spent on timing: with nothing cached, the first rounds verify 1, 1, 2 and 4
+    rows and are timed; a later engine with the same settings finds the figures cached."""
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
-    calls = []
-    real = engine_mod.measure_costs
-    monkeypatch.setattr(engine_mod, "measure_costs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, decodes = [], []
+    real_round, real_verify, real_one = Engine._calibration_round, Target.verify_tree, Target.decode_one
+    monkeypatch.setattr(Engine, "_calibration_round", lambda self, *a, **k: calls.append(1) or real_round(self, *a, **k))
+    monkeypatch.setattr(Target, "verify_tree", lambda self, tokens, *a: decodes.append(len(tokens)) or real_verify(self, tokens, *a))
+    monkeypatch.setattr(Target, "decode_one", lambda self, *a: decodes.append(1) or real_one(self, *a))
+    implausible = costs_mod.IMPLAUSIBLE_BELOW_T1
+    monkeypatch.setattr(costs_mod, "IMPLAUSIBLE_BELOW_T1", 0.0)  # a busy machine's timings are kept here (see below)
     prompt = None
-    for threads, expect_calls in ((2, 1), (2, 1), (1, 2)):
+    for threads, expect_calls in ((2, 4), (2, 4), (1, 8)):
         with Target(smollm2_path, TargetConfig(n_ctx=512, n_threads=threads)) as t:
             prompt = t.tokenize(COPY_PROMPT) if prompt is None else prompt
+            decodes.clear()
+            before = len(calls)
             result = run(Engine(t, None, adaptive=True, ngram=True), prompt, 8)
             assert result.stats.n_tokens == 8
-        assert len(calls) == expect_calls  # a second engine, same settings: no calibration decode
+            assert len(decodes) == result.stats.rounds  # every decode was a round that emitted tokens
+            if len(calls) > before:  # the calibration rounds' sizes, in order
+                assert decodes[:4] == [1, 1, 2, 4]
+            assert {1, 2, 4} <= set(engine_mod.load_costs(t) or {})
+        assert len(calls) == expect_calls  # a second engine, same settings: no calibration round
     assert (tmp_path / "verify_costs.json").is_file()
     # costs timed on a busy machine (one row dearer than three) are measured again, not trusted
+    monkeypatch.setattr(costs_mod, "IMPLAUSIBLE_BELOW_T1", implausible)
     with Target(smollm2_path, TargetConfig(n_ctx=512, n_threads=2)) as t:
         engine_mod.save_costs(t, {1: 72.9, 2: 54.8, 3: 39.1})
         assert engine_mod.load_costs(t) is None
         run(Engine(t, None, adaptive=True, ngram=True), prompt, 8)
-        assert len(calls) == 3
+        assert len(calls) == 12
 
 
 def test_start_up_near_the_context_end_still_generates(smollm2_path, tmp_path, monkeypatch):
