@@ -205,7 +205,7 @@ def roofline(verify_ms: dict[int, float], acceptance: list[float]) -> tuple[floa
     """
     best, best_depth = 1.0, 0
     one = interpolate(verify_ms, 1)
-    reach = np.cumprod(acceptance) if acceptance else np.zeros(0)  # P(accepted length >= d), d = 1..D
+    reach = np.minimum.accumulate(acceptance) if acceptance else np.zeros(0)  # P(accepted >= d) falls with d
     for depth in range(1, reach.size + 1):
         speed = (1.0 + float(reach[:depth].sum())) * one / float(interpolate(verify_ms, depth + 1))
         if speed > best:

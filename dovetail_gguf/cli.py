@@ -42,8 +42,9 @@ def main(verbose: int) -> None:
     of tokens that a small PyTorch draft model proposes. Output is lossless:
     greedy text is the target's argmax at every step and sampling keeps its
     distribution. With --exact it is bit-identical to plain decoding in the same
-    mode; without, batched kernels round differently and can flip near-ties of
-    the top two logits (see the README's "Known limitation").
+    mode up to 256 tokens of context, or on one thread; without, and past that
+    on several threads, llama.cpp rounds batches differently and can flip
+    near-ties of the top two logits (see the README's "Known limitation").
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -61,8 +62,9 @@ def target_options(f):
                      help="Target layers to offload to a GPU (needs llama-cpp-python built with CUDA).")(f)
     f = click.option("--exact", is_flag=True,
                      help="Exact mode: no repacked weight layouts, so greedy output is bit-identical to plain "
-                          "decoding in the same mode. Default: the fastest kernels, lossless up to kernel "
-                          "rounding (a near-tie of the top two logits can flip).")(f)
+                          "decoding in the same mode (up to 256 tokens of context, or on one thread). Default: "
+                          "the fastest kernels, lossless up to kernel rounding (a near-tie of the top two logits "
+                          "can flip).")(f)
     return f
 
 

@@ -44,7 +44,8 @@ class TargetConfig:
     max_tree_paths: int = 64  # leaves per tree; llama.cpp allows 255
     use_extra_buffers: bool | None = None  # None: automatic (off only where AMX kernels crash)
     # exact: no repacked weight layouts, so a tree row is computed by the same kernels as a one-token
-    # decode and greedy output is bit-identical to llama.cpp's plain decoding with the same setting.
+    # decode and greedy output is bit-identical to llama.cpp's plain decoding with the same setting
+    # (past 256 cells on several threads, a one-token decode still sums its attention in another order).
     # Off (fast): the fastest kernels; a batch row can then differ from a one-token decode in the last
     # bits, which flips the argmax only at near-ties of the top two logits.
     exact: bool = False

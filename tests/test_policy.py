@@ -81,7 +81,8 @@ def test_roofline_and_acceptance_by_depth_from_bench_records():
     assert roofline(linear, [0.9, 0.9, 0.9]) == (1.0, 0)  # nothing beats plain decoding there
     assert roofline(FLAT, []) == (1.0, 0)
     speed, depth = roofline(FLAT, [0.8, 0.75, 0.5])
-    assert depth == 3 and speed == pytest.approx((1 + 0.8 + 0.6 + 0.3) * 55.0 / 61.0)
+    assert depth == 3 and speed == pytest.approx((1 + 0.8 + 0.75 + 0.5) * 55.0 / 61.0)
+    assert roofline(FLAT, [0.5, 0.9]) == roofline(FLAT, [0.5, 0.5])  # a deeper level never accepts more
 
 
 def test_where_not_even_a_perfect_draft_could_pay_probes_are_rare():
