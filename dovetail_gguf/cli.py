@@ -451,13 +451,15 @@ def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_
 @click.option("--n", "n_prompts", type=click.IntRange(min=1), default=20, show_default=True, help="Number of prompts.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message, rendered with the model's chat template.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs of each system on each prompt, interleaved; the fastest counts (steadier medians on a busy machine).")
 @click.option("--systems", default="plain,prompt-lookup,ngram,dovetail", show_default=True,
               help="Comma-separated systems to compare: plain (required), prompt-lookup (llama-cpp-python's), "
                    "ngram (this engine, n-gram branches only), dovetail.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write every raw figure here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG: tokens/s per system, τ vs speedup.")
 @click.option("--force", is_flag=True, help="Overwrite existing --json / --plot files.")
-def bench(prompts_file, n_prompts, max_tokens, chat, systems, json_out, plot_out, force, **kw) -> None:
+def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out, plot_out, force, **kw) -> None:
     """Compare plain llama.cpp decoding, prompt lookup, n-gram speculation and Dovetail on the same GGUF (greedy).
 
     Systems run interleaved per prompt; speedups are medians of per-prompt ratios against plain decoding
@@ -480,7 +482,7 @@ def bench(prompts_file, n_prompts, max_tokens, chat, systems, json_out, plot_out
     prompts = file_prompts(prompts_file, n_prompts) if prompts_file else humaneval_prompts(n_prompts)
     report = run_bench(prompts, target.path(), draft.draft, max_tokens=max_tokens, threads=target.threads,
                        device=draft.device, draft_dtype=draft.draft_dtype, tree=draft.tree(), n_ctx=target.ctx_size, systems=chosen,
-                       adaptive=not draft.fixed_tree, chat=chat, ngram=draft.ngram, exact=target.exact)
+                       adaptive=not draft.fixed_tree, chat=chat, ngram=draft.ngram, exact=target.exact, repeats=repeats)
     click.echo(format_table(report["summary"]))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

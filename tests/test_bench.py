@@ -51,3 +51,19 @@ def test_bench_json_and_plot(tmp_path, smollm2_path):
     assert "acceptance by depth" in r.stdout and "roofline" in r.stdout
     assert report["peak_rss_bytes"] > 50 * 2**20
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_repeats_keep_the_fastest_run_of_each_system(smollm2_path):
+    from dovetail_gguf.bench import run_bench
+    from dovetail_gguf.errors import InvalidArgumentError
+
+    report = run_bench(["def add(a, b):", "The sky is"], smollm2_path, False, max_tokens=8, threads=2,
+                       systems=("plain", "ngram"), progress=False, repeats=3)
+    assert report["settings"]["repeats"] == 3
+    recs = report["records"]
+    assert sorted((r["system"], r["prompt_index"]) for r in recs) == [("ngram", 0), ("ngram", 1), ("plain", 0), ("plain", 1)]
+    for r in recs:
+        assert len(r["repeat_seconds"]) == 3 and r["seconds"] == min(r["repeat_seconds"])
+    assert report["summary"]["ngram"]["identical_to_plain"] is True
+    with pytest.raises(InvalidArgumentError, match="repeats"):
+        run_bench(["x"], smollm2_path, False, systems=("plain",), repeats=0)
