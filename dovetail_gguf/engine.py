@@ -219,7 +219,9 @@ class Engine:
             n = min(rows - 1, room - 1, free_cells - 1)
             found = ngram_lookup(np.append(t.history(0), root).astype(np.int32), n)
             chain = np.concatenate([found, np.full(n - found.size, root, dtype=np.int32)])
-            pending = self._tree_step(root, None, chain, params, rng, stats)[0]
+            pending, _, _, on_chain = self._tree_step(root, None, chain, params, rng, stats)
+            if self.chain_policy is not None and found.size:  # a real n-gram branch: its acceptance counts
+                self.chain_policy.observe(found.size, min(on_chain, found.size))
         if not self._calibration:
             measured = {k: round(v, 2) for k, v in sorted(self._verify_ms.items())}
             if len(measured) < 2:  # no room for a tree: measure again next time

@@ -68,9 +68,10 @@ class TreePolicy:
         return np.cumsum(self._reach)[depth] / self.round_ms(depth, tokens)
 
     def perfect_speed(self) -> float:
-        """Tokens per ms of the best chain if every drafted token were accepted: no draft beats it."""
-        depth = np.arange(1, self.max_depth + 1)
-        return float(((depth + 1) / self.round_ms(depth, depth)).max())
+        """Tokens per ms of the best candidate tree if every level were accepted: no draft beats it.
+        (All candidates, not only chains: measured t(k) need not grow with k.)"""
+        depth, tokens = self.candidates()
+        return float(((depth + 1) / self.round_ms(depth, tokens)).max())
 
     def candidates(self) -> tuple[np.ndarray, np.ndarray]:
         """(depths, draft tokens) of the trees considered: 1 to 3 nodes per level, in that order."""
