@@ -211,13 +211,12 @@ class Engine:
         more than the decode it times). Once every size has had its round, the costs are logged
         and the policies start (or, if some size found no room, the next generation tries again).
         """
-        t = self.target
         rows = self._calibration.pop(0)
         if rows == 1 or room < 2 or free_cells < 2:
             pending = self._plain_step(root, params, rng, stats)
         else:
             n = min(rows - 1, room - 1, free_cells - 1)
-            found = ngram_lookup(np.append(t.history(0), root).astype(np.int32), n)
+            found = self._ngram_continuation(root, n)
             chain = np.concatenate([found, np.full(n - found.size, root, dtype=np.int32)])
             pending, _, _, on_chain = self._tree_step(root, None, chain, params, rng, stats)
             if self.chain_policy is not None and found.size:  # a real n-gram branch: its acceptance counts
@@ -311,7 +310,6 @@ class Engine:
     def _chain(self, root: int, room: int, n_tree_nodes: int, tree_expected: float) -> np.ndarray:
         """The n-gram branch for this round (maybe empty): as long as the chain policy says pays next to
         the draft tree, looked up only when some length would."""
-        t = self.target
         limit = min(self.chain_policy.max_len, room - 1, self._node_limit() - n_tree_nodes)
         if limit < 1:
             return np.zeros(0, dtype=np.int32)
@@ -319,7 +317,11 @@ class Engine:
             limit = self.chain_policy.choose(limit, self._verify_cost, n_tree_nodes, tree_expected)
             if limit == 0:
                 return np.zeros(0, dtype=np.int32)
-        return ngram_lookup(np.append(t.history(0), root).astype(np.int32), limit)
+        return self._ngram_continuation(root, limit)
+
+    def _ngram_continuation(self, root: int, limit: int) -> np.ndarray:
+        """Up to ``limit`` tokens that followed the context's last few tokens earlier in it (root included)."""
+        return ngram_lookup(np.append(self.target.history(0), root).astype(np.int32), limit)
 
     def _generate(self, prompt: np.ndarray, options: GenerateOptions, handle: Generation) -> Iterator[str]:
         t, params = self.target, options.sampling
