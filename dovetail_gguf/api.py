@@ -113,13 +113,19 @@ class Dovetail:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
+        prediction: str | Sequence[int] | None = None,
     ) -> GenerateOptions:
+        """Generation settings. ``prediction``: OpenAI's Predicted Outputs, text (or token ids) the
+        answer is expected to repeat (the file being edited, say); it speeds up the parts that
+        match and never changes the output. The result's stats count ``accepted_prediction_tokens``
+        and ``rejected_prediction_tokens``."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
         if seed is not None and seed < 0:  # as in llama.cpp and OpenAI's API: a negative seed means a random one
             seed = None
-        opts = GenerateOptions(max_tokens, SamplingParams(float(temperature), float(top_p), int(top_k), seed), stops)
+        opts = GenerateOptions(max_tokens, SamplingParams(float(temperature), float(top_p), int(top_k), seed), stops,
+                               prediction)
         opts.validate()
         return opts
 

@@ -25,8 +25,11 @@ from .errors import InvalidArgumentError
 log = logging.getLogger(__name__)
 
 PLAIN, LOOKUP, NGRAM, DOVETAIL = "plain", "prompt-lookup", "ngram", "dovetail"
+PREDICTED = "dovetail-predicted"  # dovetail with the prompt's plain answer as its predicted output
 PLAIN_EXACT = "plain-exact"  # with --exact: plain decoding in exact mode, the reference for identical output
-SYSTEMS = (PLAIN, LOOKUP, NGRAM, DOVETAIL)  # prompt-lookup: llama-cpp-python's; ngram: this engine's, no draft model
+# prompt-lookup: llama-cpp-python's; ngram: this engine's, no draft model
+SYSTEMS = (PLAIN, LOOKUP, NGRAM, DOVETAIL, PREDICTED)
+REPLAY_MAX_ROWS = 64  # the replay bound's longest chain, root included
 
 
 def humaneval_prompts(n: int | None = None) -> list[str]:
@@ -68,6 +71,10 @@ class RunRecord:
     depth_drafted: list[int] = field(default_factory=list)
     depth_accepted: list[int] = field(default_factory=list)
     repeat_seconds: list[float] = field(default_factory=list)  # every run's time; ``seconds`` is the fastest
+    reevaluated_rows: int = 0
+    draft_rounds: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -108,17 +115,55 @@ class _LookupSystem:
         return out["choices"][0]["text"], int(out["usage"]["completion_tokens"]), dt
 
 
-def _run_one(system: str, index: int, tokens, max_tokens: int, engines: dict, lookup) -> RunRecord:
+def _run_one(system: str, index: int, tokens, max_tokens: int, engines: dict, lookup, prediction=None) -> RunRecord:
     """One system on one prompt, from an empty cache."""
     if system == LOOKUP:
         text, n, dt = lookup.run(tokens, max_tokens)
         return RunRecord(LOOKUP, index, n, dt, text=text)
     engine = engines[system]
     engine.target.reset()  # every system starts from an empty cache
-    r = engine.generate_tokens(tokens, max_tokens=max_tokens)
+    r = engine.generate_tokens(tokens, max_tokens=max_tokens, prediction=prediction if system == PREDICTED else None)
     s = r.stats
     return RunRecord(system, index, s.n_tokens, s.decode_seconds, r.tokens, r.text, s.rounds, s.accepted_tokens,
-                     s.draft_seconds, s.verify_seconds, s.verified_rows, s.depth_drafted, s.depth_accepted)
+                     s.draft_seconds, s.verify_seconds, s.verified_rows, s.depth_drafted, s.depth_accepted,
+                     reevaluated_rows=s.reevaluated_rows, draft_rounds=s.draft_rounds,
+                     accepted_prediction_tokens=s.accepted_prediction_tokens,
+                     rejected_prediction_tokens=s.rejected_prediction_tokens)
+
+
+def replay_bound(prompt: list[int], answer: list[int], verify_ms: dict[int, float], prediction: list[int] | None = None,
+                 max_rows: int = REPLAY_MAX_ROWS) -> float:
+    """Speedup over plain decoding of a policy that knows, every round, how much of the suffix
+    sources' candidates the target will accept, and verifies exactly that: replayed offline
+    against ``answer`` (the plain run's tokens) with measured t(k). The sources are this engine's:
+    the suffix index over the prompt and the answer so far, and the prediction when given."""
+    from .costs import interpolate
+    from .plan import merge
+    from .proposers import SuffixProposer, prediction_proposer
+    from .suffix import SuffixIndex
+
+    if not answer:
+        return 1.0
+    index = SuffixIndex(prompt)
+    sources = [SuffixProposer(index)]
+    if prediction:
+        sources.append(prediction_proposer(np.asarray(prompt[-8:], dtype=np.int32), np.asarray(prediction, dtype=np.int32)))
+    index.append(answer[0])
+    pos, spent = 1, 0.0  # answer[pos - 1] is the root of the next round
+    while pos < len(answer):
+        tail = index.tokens[-64:].tolist()
+        cands = merge(answer[pos - 1], [s.propose(tail, max_rows - 1) for s in sources])
+        node, accepted = 0, 0
+        while pos + accepted < len(answer):  # down the tree along the answer
+            kids = np.flatnonzero((cands.parents == node) & (cands.tokens == answer[pos + accepted]))
+            if kids.size == 0:
+                break
+            node, accepted = int(kids[0]), accepted + 1
+        spent += float(interpolate(verify_ms, accepted + 1))
+        step = answer[pos : pos + accepted + 1]  # the accepted tokens and the bonus token
+        index.extend(step)
+        pos += len(step)
+    return (len(answer) - 1) * float(interpolate(verify_ms, 1)) / spent
 
 
 def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, threads: int | None = None,
@@ -158,26 +203,32 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     if exact:
         tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads, exact=True)
         engines[PLAIN_EXACT] = Dovetail(target_path, False, target_config=tcfg)
-    if DOVETAIL in systems:
+    if DOVETAIL in systems or PREDICTED in systems:
         engines[DOVETAIL] = Dovetail(target_path, draft, device=device, draft_dtype=draft_dtype, tree=tree,
                                      target_config=tcfg, adaptive=adaptive, ngram=ngram)
+        engines[PREDICTED] = engines[DOVETAIL]  # the same engine, given the plain answer as its prediction
         if engines[DOVETAIL].drafter is None:
             raise InvalidArgumentError("no draft for this target: pass --draft DIR, or leave dovetail out of --systems")
     if NGRAM in systems:
         engines[NGRAM] = Dovetail(target_path, False, tree=tree, target_config=tcfg, adaptive=adaptive, ngram=True)
-    lookup = _LookupSystem(plain.target.path, n_ctx, threads) if LOOKUP in systems else None
     encoded = [plain.chat_prompt_tokens([{"role": "user", "content": p}]) if chat else plain.tokenize_prompt(p)
                for p in prompts]
+    # prompt lookup keeps logits for every position: its context must hold the prompt, the answer and a draft
+    lookup_ctx = max(n_ctx, max(len(t) for t in encoded) + max_tokens + 64)
+    lookup = _LookupSystem(plain.target.path, lookup_ctx, threads) if LOOKUP in systems else None
     records: list[RunRecord] = []
     order = [s for s in SYSTEMS if s in systems] + ([PLAIN_EXACT] if exact else [])
     bar = tqdm(total=len(prompts) * len(order) * repeats, disable=not progress, desc="bench", unit="run")
     for i, tokens in enumerate(encoded):
         rot = order[i % len(order):] + order[: i % len(order)]
+        if PREDICTED in rot:  # its prediction is plain's answer: plain goes first
+            rot = [PLAIN] + [s for s in rot if s != PLAIN]
         fastest: dict[str, RunRecord] = {}
         times: dict[str, list[float]] = {system: [] for system in rot}
         for _ in range(repeats):
             for system in rot:
-                record = _run_one(system, i, tokens, max_tokens, engines, lookup)
+                prediction = fastest[PLAIN].tokens if PLAIN in fastest else None
+                record = _run_one(system, i, tokens, max_tokens, engines, lookup, prediction)
                 times[system].append(record.seconds)
                 if system not in fastest or record.seconds < fastest[system].seconds:
                     fastest[system] = record
@@ -186,6 +237,14 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
             fastest[system].repeat_seconds = times[system]
             records.append(fastest[system])
     bar.close()
+    verify_ms = next((e.engine._verify_ms for e in engines.values() if e.engine._verify_ms), None)
+    replay = {}
+    if verify_ms:  # what a policy that knew the accepted lengths would get from the suffix sources
+        answers = {r.prompt_index: r.tokens for r in records if r.system == PLAIN}
+        for i, tokens in enumerate(encoded):
+            replay[i] = {"context": replay_bound(list(tokens), answers[i], verify_ms)}
+            if PREDICTED in systems:
+                replay[i]["prediction"] = replay_bound(list(tokens), answers[i], verify_ms, prediction=answers[i])
     dovetail = engines.get(DOVETAIL)
     peak_gpu = dovetail.drafter.peak_memory_bytes() if dovetail is not None else None
     report = {"machine": machine_description(threads), "settings": {
@@ -193,12 +252,13 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         "max_tokens": max_tokens, "n_prompts": len(prompts), "chat": chat, "n_ctx": n_ctx, "repeats": repeats,
         "tree": vars(dovetail.engine.tree) if dovetail else None, "adaptive": adaptive,
         "draft_dtype": str(dovetail.drafter.dtype).removeprefix("torch.") if dovetail else None,
-        "verify_ms": next((e.engine._verify_ms for e in engines.values() if e.engine._verify_ms), None)},
+        "verify_ms": verify_ms},
+        "replay_bound": {str(i): v for i, v in replay.items()},
         "records": [vars(r) for r in records],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}
     report["settings"]["exact"] = exact
-    report["summary"] = summarize(records, reference={NGRAM: PLAIN_EXACT, DOVETAIL: PLAIN_EXACT} if exact else None,
-                                  verify_ms=report["settings"]["verify_ms"])
+    report["summary"] = summarize(records, reference={NGRAM: PLAIN_EXACT, DOVETAIL: PLAIN_EXACT, PREDICTED: PLAIN_EXACT}
+                                  if exact else None, verify_ms=verify_ms, replay=replay)
     return report
 
 
@@ -230,7 +290,7 @@ def roofline(verify_ms: dict[int, float], acceptance: list[float]) -> tuple[floa
 
 
 def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
-              verify_ms: dict[int, float] | None = None) -> dict:
+              verify_ms: dict[int, float] | None = None, replay: dict | None = None) -> dict:
     """Per system: tokens/s, median per-prompt speedup over plain, τ, time split, identity with plain
     (or with the system ``reference`` names for it, e.g. plain-exact for exact-mode systems).
 
@@ -275,6 +335,22 @@ def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
                 extra["free_draft_speedup"] = tau * one / float(interpolate(verify_ms, rows / rounds))
                 extra["roofline"], extra["roofline_depth"] = roofline(verify_ms, accept)
             out[system].update(extra)
+        if system == PREDICTED:
+            own = {i: runs[i].tokens_per_second for i in runs}
+            no_pred = by.get(DOVETAIL, {})
+            vs = [own[i] / no_pred[i].tokens_per_second for i in own if i in no_pred and no_pred[i].tokens_per_second > 0]
+            predicted = sum(r.accepted_prediction_tokens + r.rejected_prediction_tokens for r in rs)
+            out[system].update({
+                "speedup_over_dovetail_median": float(np.median(vs)) if vs else None,
+                "accepted_prediction_tokens": sum(r.accepted_prediction_tokens for r in rs),
+                "rejected_prediction_tokens": sum(r.rejected_prediction_tokens for r in rs),
+                "prediction_accepted_share": (sum(r.accepted_prediction_tokens for r in rs) / max(1, sum(
+                    len(by[PLAIN][i].tokens) for i in runs if i in by.get(PLAIN, {})))) if predicted else 0.0})
+        if replay and system in (NGRAM, DOVETAIL, PREDICTED):
+            key = "prediction" if system == PREDICTED else "context"
+            bounds = [replay[i][key] for i in runs if i in replay and key in replay[i]]
+            if bounds:
+                out[system]["replay_bound_median"] = float(np.median(bounds))
     return out
 
 
@@ -298,6 +374,11 @@ def format_table(summary: dict) -> str:
         if "roofline" in s:
             line += (f"; free draft {s['free_draft_speedup']:.2f}x, "
                      f"chain roofline {s['roofline']:.2f}x (depth {s['roofline_depth']})")
+        if "replay_bound_median" in s:
+            line += f"; replay bound {s['replay_bound_median']:.2f}x (median)"
+        if s.get("speedup_over_dovetail_median") is not None:
+            line += (f"; {s['speedup_over_dovetail_median']:.2f}x over dovetail without the prediction, "
+                     f"{100 * s['prediction_accepted_share']:.0f}% of the prediction accepted")
         lines.append(line)
     return "\n".join(lines)
 

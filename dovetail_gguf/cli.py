@@ -210,12 +210,23 @@ def info(gguf: str) -> None:
 @sampling_options
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens, stats.")
-def generate(prompt: str, chat: bool, as_json: bool, **kw) -> None:
+@click.option("--prediction", "prediction_file", type=click.Path(dir_okay=False), default=None,
+              help="Predicted output (OpenAI's Predicted Outputs): a text file the answer is expected to repeat, "
+                   "e.g. the file being edited. Matching stretches are verified in long chains; the output is the "
+                   "same with or without it.")
+def generate(prompt: str, chat: bool, as_json: bool, prediction_file: str | None, **kw) -> None:
     """Generate text after PROMPT ('-' reads it from stdin). Plain output streams as it is generated."""
     if prompt == "-":  # bytes that are not UTF-8 become U+FFFD rather than a crash
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    prediction = None
+    if prediction_file is not None:
+        try:
+            prediction = Path(prediction_file).read_bytes().decode("utf-8", errors="replace")
+        except OSError as e:
+            raise DovetailError(f"cannot read the prediction file {prediction_file}: {e.strerror or e}") from None
     dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
     skw = SamplingChoice.take(kw).kwargs()
+    skw["prediction"] = prediction
     tokens = dt.chat_prompt_tokens([{"role": "user", "content": prompt}]) if chat else dt.tokenize_prompt(prompt)
     if as_json:
         result = dt.generate_tokens(tokens, **skw)
@@ -230,6 +241,9 @@ def generate(prompt: str, chat: bool, as_json: bool, **kw) -> None:
         s = result.stats
         log.info("%d tokens, %.1f tok/s, tau %.2f over %d rounds", s.n_tokens, s.tokens_per_second,
                  s.mean_accepted_tokens, s.rounds)
+        if prediction is not None:
+            log.info("prediction: %d tokens accepted, %d rejected", s.accepted_prediction_tokens,
+                     s.rejected_prediction_tokens)
     if result.finish_reason == "context_full":
         raise DovetailError(f"the context filled up after {result.stats.n_tokens} new tokens "
                             f"(n_ctx {dt.target.n_ctx}); raise --ctx-size or lower --max-tokens")
@@ -455,7 +469,9 @@ def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_
               help="Runs of each system on each prompt, interleaved; the fastest counts (steadier medians on a busy machine).")
 @click.option("--systems", default="plain,prompt-lookup,ngram,dovetail", show_default=True,
               help="Comma-separated systems to compare: plain (required), prompt-lookup (llama-cpp-python's), "
-                   "ngram (this engine, n-gram branches only), dovetail.")
+                   "ngram (this engine, suffix index only), dovetail, dovetail-predicted (dovetail given plain's "
+                   "answer as its predicted output). Speculative systems are also compared with a replay bound: "
+                   "a policy that knows how much of each round's candidates will be accepted.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write every raw figure here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG: tokens/s per system, τ vs speedup.")
 @click.option("--force", is_flag=True, help="Overwrite existing --json / --plot files.")
@@ -465,7 +481,7 @@ def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out,
     Systems run interleaved per prompt; speedups are medians of per-prompt ratios against plain decoding
     in the same run, prefill excluded for every system.
     """
-    from .bench import DOVETAIL, SYSTEMS, file_prompts, format_table, humaneval_prompts, plot, run_bench
+    from .bench import DOVETAIL, PREDICTED, SYSTEMS, file_prompts, format_table, humaneval_prompts, plot, run_bench
     from .outputs import check_output_file
 
     for out in (json_out, plot_out):  # before the run, not after it
@@ -478,7 +494,7 @@ def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out,
     if set(chosen) - set(SYSTEMS) or "plain" not in chosen:
         raise DovetailError(f"--systems takes {', '.join(SYSTEMS)} (plain required); got {systems!r}")
     if draft.no_draft:
-        chosen = tuple(s for s in chosen if s != DOVETAIL)
+        chosen = tuple(s for s in chosen if s not in (DOVETAIL, PREDICTED))
     prompts = file_prompts(prompts_file, n_prompts) if prompts_file else humaneval_prompts(n_prompts)
     report = run_bench(prompts, target.path(), draft.draft, max_tokens=max_tokens, threads=target.threads,
                        device=draft.device, draft_dtype=draft.draft_dtype, tree=draft.tree(), n_ctx=target.ctx_size, systems=chosen,

@@ -11,6 +11,7 @@ them from the rounds it runs.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -119,15 +120,18 @@ def save_costs(target, costs: dict[int, float]) -> None:
 
 
 def _write_entry(key: str, value) -> None:
+    """Read, change one entry, write atomically; under a lock, so two processes keep each other's entries."""
     path = _costs_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc = _read_all()
-        doc[key] = value
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            doc = _read_all()
+            doc[key] = value
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=1)
+            os.replace(tmp, path)
     except OSError as e:
         log.warning("could not write the cost cache %s: %s", path, e)
 
@@ -154,3 +158,87 @@ def update_cost(costs: dict[int, float], n: int, ms: float, rate: float = 0.1) -
         return 1.0
     costs[n] = old + rate * (ms - old)
     return abs(costs[n] - old) / max(old, 1e-9)
+
+
+EXPLORE_ROW_COST = 0.1  # t(k) past the largest measured k, per row, in units of t(1) (see CostModel.verify_ms)
+ROW_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # the sizes rounds use: few to measure
+
+
+class CostModel:
+    """What a round costs on this machine: t(k) by rows verified, and the per-round overhead.
+
+    Calibrate: with nothing cached, the first rounds verify ``CALIBRATION_SIZES`` rows in
+    turn and are timed (see the engine's calibration round). Refine: every later decode
+    folds its time into t(its size); a size used for the first time replaces the
+    interpolation. Persist: :meth:`save` keeps t(k) for the next process. Interpolate:
+    :meth:`verify_ms` answers for any size, arrays included.
+    """
+
+    def __init__(self, target, max_rows: int):
+        self.target = target
+        self.max_rows = max_rows
+        self.table: dict[int, float] | None = None  # None: not loaded yet; {} while calibrating
+        self.calibration: list[int] = []  # rows the next rounds verify to time t(k)
+        self.overhead_ms = 0.0  # per-round work outside decodes and drafting (planning, accepting, ...)
+        self.dirty = False
+
+    @property
+    def known(self) -> bool:
+        """Whether t(k) is known (cached, or calibrated); loads the cache or starts calibrating."""
+        if self.table is None:
+            cached = load_costs(self.target)
+            if cached is None:
+                self.table = {}
+                self.calibration = [k for k in (1, *CALIBRATION_SIZES) if k <= self.max_rows]
+                return False
+            self.table = cached
+        return not self.calibration
+
+    def verify_ms(self, rows):
+        """t(rows) in ms (a number or an array); rows-proportional while nothing is measured.
+
+        A measured size: its time. Any other: linear between measured sizes, but never above an
+        optimistic guess, the largest measured size below it plus ``EXPLORE_ROW_COST`` t(1) a row
+        (flatter than any machine measured so far; kernels that batch rows in blocks make some sizes
+        much cheaper than their neighbours). So a size that might pay is tried once; its
+        measurement then replaces the guess, here and in the cache.
+        """
+        if not self.table:
+            return np.asarray(rows, dtype=np.float64) * 1.0
+        ks = np.array(sorted(self.table))
+        vs = np.array([self.table[k] for k in ks])
+        r = np.asarray(rows, dtype=np.float64)
+        below = np.maximum(np.searchsorted(ks, r, side="right") - 1, 0)  # the largest measured size <= rows
+        optimistic = vs[below] + (r - ks[below]) * EXPLORE_ROW_COST * self.table.get(1, vs[0])
+        inside = np.interp(r, ks, vs)  # linear between measured sizes, flat past the largest
+        out = np.where(r > ks[-1], optimistic, np.minimum(inside, optimistic))
+        return float(out) if np.ndim(out) == 0 else out
+
+    def record(self, rows: int, seconds: float) -> bool:
+        """A decode of ``rows`` rows took ``seconds``; returns True when t(rows) was refined."""
+        if self.table is None:
+            return False
+        ms = 1000 * seconds
+        if self.calibration:  # the quickest of the calibration rounds' timings: a first decode can be slow
+            self.table[rows] = min(self.table.get(rows, ms), ms)
+            return False
+        update_cost(self.table, rows, ms)
+        self.dirty = True
+        return True
+
+    def record_overhead(self, ms: float) -> None:
+        self.overhead_ms += 0.1 * (max(ms, 0.0) - self.overhead_ms)
+
+    def finish_calibration(self) -> bool:
+        """After the last calibration round: True when t(k) is now known; else measure again next time."""
+        if len(self.table) < 2:  # no room for a tree: measure again next time
+            self.table = None
+            return False
+        log.info("verification cost (ms) by rows: %s", {k: round(v, 2) for k, v in sorted(self.table.items())})
+        self.dirty = True
+        return True
+
+    def save(self) -> None:
+        if self.dirty and self.table:
+            save_costs(self.target, self.table)
+        self.dirty = False

@@ -1,8 +1,12 @@
-"""The speculative round loop: draft a tree, verify it in one call, accept, commit both sides.
+"""The speculative round loop: propose, plan, verify, accept, commit.
 
-The engine owns neither KV cache; it asks the target and the drafter to commit.
-Without a drafter it runs plain one-token decoding through the same target
-wrapper, which is the baseline every speed figure is measured against.
+A round gathers proposals from its sources (the suffix index over the context,
+a client's predicted output, and, where its expected gain beats its cost, the
+draft model's tree), plans the subtree worth verifying from one cost model
+(plan.py), verifies it in one call, accepts, and commits both sides. The engine
+owns neither KV cache; it asks the target and the drafter to commit. With no
+source it runs plain one-token decoding through the same target wrapper, which
+is the baseline every speed figure is measured against.
 """
 
 from __future__ import annotations
@@ -14,20 +18,13 @@ from typing import Iterator
 import numpy as np
 
 from .accept import SamplingParams, accept_greedy, accept_sampling, sample_token
-from .costs import (
-    CALIBRATION_SIZES,
-    interpolate,
-    load_costs,
-    load_exact_rows,
-    probe_exact_rows,
-    save_costs,
-    save_exact_rows,
-    update_cost,
-)
+from .costs import CostModel, load_costs, load_exact_rows, probe_exact_rows, save_costs, save_exact_rows  # noqa: F401
 from .errors import ContextFullError, InvalidArgumentError
-from .ngram import lookup as ngram_lookup
-from .ngram import merge_chain
-from .policy import ChainPolicy, TreePolicy
+from .plan import DRAFT, PREDICTION, Candidates, Proposal, RoundPlan, merge, plan_round
+from .policy import TreePolicy
+from .proposers import AcceptanceModel, DraftProposer, SuffixProposer, prediction_proposer
+from .proposers import CONTEXT_PRIOR
+from .suffix import SuffixIndex
 from .target import Target
 from .text import Detokenizer, StopMatcher
 from .types import (  # noqa: F401  (re-exported: the engine's vocabulary)
@@ -96,14 +93,14 @@ class _Output:
 
 
 class Engine:
-    """Speculative generation over one target, an optional drafter and optional n-gram branches."""
+    """Speculative generation over one target, an optional drafter, the suffix index and predictions."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
                  adaptive: bool = True, ngram: bool = False):
-        """``adaptive``: size each tree from measured costs and acceptance, falling back to plain
-        decoding when speculation does not pay (see policy.py); else always draft ``tree``.
-        ``ngram``: add continuations found earlier in the context (prompt lookup) to each tree as a
-        free branch, sized by their measured acceptance; with no drafter, the only source of drafts.
+        """``adaptive``: plan each round from measured costs and acceptance, falling back to plain
+        decoding when speculation does not pay (see plan.py); else always draft ``tree`` and verify
+        every candidate. ``ngram``: propose continuations found earlier in the context (the suffix
+        index) in every round; with no drafter, the only source besides a prediction.
         """
         self.target = target
         self.tree = tree or TreeConfig()
@@ -119,17 +116,24 @@ class Engine:
         self.drafter = drafter
         if adaptive is not None:
             self.adaptive = adaptive
-        self.policy: TreePolicy | None = None
-        self.chain_policy = ChainPolicy(max_len=min(8, self.target.max_tree_nodes - 1)) if self.ngram else None
-        self._verify_ms: dict[int, float] | None = None  # t(k), measured or cached, for the policies
-        self._calibration: list[int] = []  # rows the next rounds verify to time t(k), when no cache had it
-        self._costs_dirty = False
+        self.policy: TreePolicy | None = None  # sizes the draft model's tree, and says when drafting pays
+        self.costs = CostModel(self.target, self.target.max_tree_nodes)
+        self._context_acceptance = AcceptanceModel(np.asarray(CONTEXT_PRIOR))  # learned across generations
+        self._draft_source = DraftProposer()
         # target hidden state of every committed position, so a drafter can resume after prefix reuse
         self._hidden = np.zeros((self.target.n_ctx, self.target.n_embd), dtype=np.float32) if drafter else None
         self._fresh_drafter = drafter is not None  # nothing of the target's cache may be reused for it yet
         self._draft_len = 0  # pairs the drafter holds during a generation
         self._max_nodes: int | None = None  # exact mode: the largest tree computed like one-token decodes
         self._device_stats = getattr(drafter, "peak_memory_bytes", None)
+        # per generation: the context's suffix index, the prediction's proposer
+        self._context: SuffixIndex | None = None
+        self._sources: list[SuffixProposer] = []
+
+    @property
+    def _verify_ms(self) -> dict[int, float] | None:
+        """t(k) in ms as measured so far (None before any measurement)."""
+        return self.costs.table or None
 
     def check_prompt(self, prompt_tokens) -> np.ndarray:
         """The prompt as int32 tokens; raises for an empty prompt or one that does not fit the context."""
@@ -168,66 +172,65 @@ class Engine:
             held = self.drafter.trim(max(n_keep - 1, 0))
             n_keep = min(n_keep, held + 1)
         t.truncate(n_keep)
-        logits, hidden = t.prefill(prompt[n_keep:])
+        if n_keep < prompt.size - 1:
+            _, hidden = t.prefill(prompt[n_keep:-1])
+            if self._hidden is not None:
+                self._hidden[n_keep : prompt.size - 1] = hidden
+        # the last prompt token alone, as a one-token decode: its logits are then the same whether
+        # or not the rest of the prompt was cached (a batch row can differ from a single-row decode
+        # in the last bits), so identical greedy requests give identical answers
+        logits, hidden = t.decode_one(int(prompt[-1]))
         if self._hidden is not None:
-            self._hidden[n_keep : prompt.size] = hidden
-        return logits, held
+            self._hidden[prompt.size - 1] = hidden
+        return logits.copy(), held
 
-    def _costs(self) -> dict[int, float] | None:
-        """t(k) in ms, shared by the policies, or None while they are being measured.
+    def _prediction_tokens(self, prediction) -> np.ndarray:
+        if prediction is None or isinstance(prediction, str) and not prediction:
+            return np.zeros(0, dtype=np.int32)
+        if isinstance(prediction, str):
+            return self.target.tokenize(prediction, add_special=False, parse_special=False)
+        tokens = np.asarray(prediction, dtype=np.int64)
+        if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() >= self.target.n_vocab)):
+            raise InvalidArgumentError(f"prediction token ids must be in 0..{self.target.n_vocab - 1}")
+        return tokens.astype(np.int32)
 
-        Cached for this machine, file and threads; else the next rounds time them (see
-        :meth:`_calibration_round`) and the policies start once they have. Every later decode
-        refines them and adds the sizes it uses.
-        """
-        if self._verify_ms is None:
-            costs = load_costs(self.target)
-            if costs is None:
-                self._verify_ms = {}
-                self._calibration = [k for k in (1, *CALIBRATION_SIZES) if k <= self._node_limit()]
-                return None
-            self._verify_ms = costs
-        return None if self._calibration else self._verify_ms
+    def _start_sources(self, prompt: np.ndarray, prediction: np.ndarray) -> None:
+        """The suffix index over the prompt (when the engine looks for repeats) and the prediction's proposer."""
+        self._context = SuffixIndex(prompt) if self.ngram else None
+        self._sources = []
+        if self._context is not None:
+            self._sources.append(SuffixProposer(self._context, acceptance=self._context_acceptance))
+        if prediction.size:
+            self._sources.append(prediction_proposer(prompt[-8:], prediction))
 
     def _record_cost(self, n: int, seconds: float) -> None:
         """A decode of ``n`` rows took ``seconds``: refine t(n) (the context grows, machines drift)."""
-        if self._verify_ms is None:
-            return
-        ms = 1000 * seconds
-        if self._calibration:  # the quickest of the calibration rounds' timings: a first decode can be slow
-            self._verify_ms[n] = min(self._verify_ms.get(n, ms), ms)
-            return
-        update_cost(self._verify_ms, n, ms)
-        self._costs_dirty = True
-        if self.policy is not None:
+        if self.costs.record(n, seconds) and self.policy is not None:
             self.policy.costs_changed(n)
 
-    def _calibration_round(self, root: int, room: int, free_cells: int, params: SamplingParams, rng,
-                           stats: GenerationStats) -> list[int]:
+    def _calibration_round(self, root: int, tail: list[int], room: int, free_cells: int, params: SamplingParams,
+                           rng, stats: GenerationStats) -> list[int]:
         """A round of the size t(k) is next measured for, so timing costs no decode of its own.
 
-        One row is a plain step; k rows verify the root and k - 1 free guesses: the n-gram
-        continuation, padded with the root token (no drafting: on a CPU a draft call can cost
-        more than the decode it times). Once every size has had its round, the costs are logged
-        and the policies start (or, if some size found no room, the next generation tries again).
+        One row is a plain step; k rows verify the root and k - 1 free guesses: the sources'
+        likeliest chain, padded with the root token (no drafting: on a CPU a draft call can cost
+        more than the decode it times). Once every size has had its round, the policy starts.
         """
-        rows = self._calibration.pop(0)
+        rows = self.costs.calibration.pop(0)
         if rows == 1 or room < 2 or free_cells < 2:
             pending = self._plain_step(root, params, rng, stats)
+            proposals: list[Proposal] = []
         else:
             n = min(rows - 1, room - 1, free_cells - 1)
-            found = self._ngram_continuation(root, n)
-            chain = np.concatenate([found, np.full(n - found.size, root, dtype=np.int32)])
-            pending, _, _, on_chain = self._tree_step(root, None, chain, params, rng, stats)
-            if self.chain_policy is not None and found.size:  # a real n-gram branch: its acceptance counts
-                self.chain_policy.observe(found.size, min(on_chain, found.size))
-        if not self._calibration:
-            measured = {k: round(v, 2) for k, v in sorted(self._verify_ms.items())}
-            if len(measured) < 2:  # no room for a tree: measure again next time
-                self._verify_ms = None
-                return pending
-            log.info("verification cost (ms) by rows: %s", measured)
-            self._costs_dirty = True
+            proposals = [s.propose(tail, n) for s in self._sources]
+            cands = merge(root, proposals)
+            guess = _likeliest_chain(cands, n)
+            chain = np.concatenate([guess, np.full(n - guess.size, root, dtype=np.int32)])
+            plan = RoundPlan(np.arange(n + 1), np.append(np.int32(root), chain).astype(np.int32),
+                             np.arange(-1, n, dtype=np.int32), np.zeros(n + 1, dtype=np.uint8), 0.0, 0.0)
+            pending, _ = self._verify(plan, params, rng, stats)
+        self._observe_sources(proposals, pending)
+        if not self.costs.calibration and self.costs.finish_calibration():
             if self.adaptive and self.drafter is not None and self.policy is None:
                 self.policy = self._make_policy()
         return pending
@@ -235,7 +238,7 @@ class Engine:
     def _exact_rows(self) -> int:
         """In exact mode: the largest tree whose rows the target computes as one-token decodes (cached)."""
         t = self.target
-        limit = min(t.max_tree_nodes, self.tree.tokens + 1 + (self.chain_policy.max_len if self.ngram else 0))
+        limit = t.max_tree_nodes
         rows = load_exact_rows(t)
         if rows is None:
             rows = probe_exact_rows(t, limit)
@@ -245,14 +248,10 @@ class Engine:
         return max(1, min(rows, limit))
 
     def _make_policy(self) -> TreePolicy | None:
-        costs = self._costs()
-        if costs is None:
+        if not self.costs.known:
             return None
-        return TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, costs,
+        return TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, self.costs.table,
                           draft_ms_per_depth=float(getattr(self.drafter, "step_ms", 0.0)))
-
-    def _verify_cost(self, n):
-        return interpolate(self._verify_ms, n) if self._verify_ms else np.asarray(n, dtype=np.float64)
 
     def _plain_step(self, root: int, params: SamplingParams, rng, stats: GenerationStats) -> list[int]:
         """Decode one token; the next token is sampled from its logits."""
@@ -275,53 +274,24 @@ class Engine:
         pair_tokens = np.append(t.history(draft_len + 1), root).astype(np.int32)
         return self.drafter.propose(feats, pair_tokens, tree)
 
-    def _tree_step(self, root: int, proposal: DraftTree | None, chain: np.ndarray, params: SamplingParams, rng,
-                   stats: GenerationStats) -> tuple[list[int], int, int, int]:
-        """Verify the draft tree (or just the root) with ``chain`` added as a branch; accept; commit.
-
-        Returns (tokens emitted, depth the draft tree reached, its nodes accepted, chain tokens accepted).
-        """
+    def _verify(self, plan: RoundPlan, params: SamplingParams, rng, stats: GenerationStats) -> tuple[list[int], np.ndarray]:
+        """Verify the plan's nodes in one call, accept, commit. Returns (tokens emitted, accepted path)."""
         t = self.target
-        tokens = proposal.tokens if proposal is not None else np.array([root], dtype=np.int32)
-        parents = proposal.parents if proposal is not None else np.array([-1], dtype=np.int32)
-        n_tree = tokens.size
-        tokens, parents, chain_nodes = merge_chain(tokens, parents, chain)
         tv = time.perf_counter()
-        res = t.verify_tree(tokens, parents)
-        self._record_cost(tokens.size, time.perf_counter() - tv)
+        res = t.verify_tree(plan.tokens, plan.parents)
+        self._record_cost(plan.rows, time.perf_counter() - tv)
         if params.greedy:
             acc = accept_greedy(res.layout.tokens, res.layout.parents, res.layout.ancestors, res.logits)
         else:
             acc = accept_sampling(res.layout.tokens, res.layout.parents, res.logits, params, rng)
         if self._hidden is not None:
             self._hidden[t.n_past : t.n_past + acc.path.size] = res.hidden[acc.path]
-        t.commit(acc.path)
+        stats.reevaluated_rows += t.commit(acc.path)
         stats.verify_seconds += time.perf_counter() - tv
-        reached = int(res.layout.depth[:n_tree].max())  # levels the draft tree really had
-        on_tree = int(np.argmin(np.append(acc.path[1:] < n_tree, False)))  # accepted nodes of the draft tree
-        on_chain = int(np.isin(acc.path[1:], chain_nodes).sum())
         pending = [*res.layout.tokens[acc.path[1:]].tolist(), acc.next_token]
         stats.accepted_tokens += len(pending)
-        stats.verified_rows += tokens.size
-        if proposal is not None:
-            stats.record_tree(reached, on_tree)
-        return pending, reached, on_tree, on_chain
-
-    def _chain(self, root: int, room: int, n_tree_nodes: int, tree_expected: float) -> np.ndarray:
-        """The n-gram branch for this round (maybe empty): as long as the chain policy says pays next to
-        the draft tree, looked up only when some length would."""
-        limit = min(self.chain_policy.max_len, room - 1, self._node_limit() - n_tree_nodes)
-        if limit < 1:
-            return np.zeros(0, dtype=np.int32)
-        if self.adaptive:  # a fixed tree takes every candidate found
-            limit = self.chain_policy.choose(limit, self._verify_cost, n_tree_nodes, tree_expected)
-            if limit == 0:
-                return np.zeros(0, dtype=np.int32)
-        return self._ngram_continuation(root, limit)
-
-    def _ngram_continuation(self, root: int, limit: int) -> np.ndarray:
-        """Up to ``limit`` tokens that followed the context's last few tokens earlier in it (root included)."""
-        return ngram_lookup(np.append(self.target.history(0), root).astype(np.int32), limit)
+        stats.verified_rows += plan.rows
+        return pending, acc.path
 
     def _generate(self, prompt: np.ndarray, options: GenerateOptions, handle: Generation) -> Iterator[str]:
         t, params = self.target, options.sampling
@@ -330,16 +300,20 @@ class Engine:
         out = _Output(t, options)
         t0 = time.perf_counter()
         try:
+            prediction = self._prediction_tokens(options.prediction)
             logits, self._draft_len = self._prefill(prompt)  # pairs the drafter holds
             stats.prefill_seconds = time.perf_counter() - t0
+            self._start_sources(prompt, prediction)
             if self.target.config.exact and self._max_nodes is None:
                 self._max_nodes = self._exact_rows()
             if self.adaptive and self.drafter is not None and self.policy is None:
                 self.policy = self._make_policy()  # None until t(k) is known (cached, or timed by the first rounds)
-            elif self.adaptive and self.ngram:
-                self._costs()
+            elif self.adaptive and self._sources:
+                self.costs.known  # noqa: B018  (loads the cache, or starts calibrating)
             pending = [sample_token(logits, params, rng)]
             while True:
+                if self._context is not None:
+                    self._context.extend(pending)  # the stream is the context and the root
                 yield from out.emit(pending)  # 1. what the last step produced, up to a stop condition
                 if out.finish:
                     break
@@ -348,6 +322,7 @@ class Engine:
                     out.finish = "context_full"
                     break
                 stats.rounds += 1
+                room = min(room, options.max_tokens - len(out.tokens))  # a round emits at most one token per row
                 pending = self._round(pending[-1], room, params, rng, stats)  # 2. one round
         except GeneratorExit:  # closed by the caller (a client went away): not a normal end
             out.finish = out.finish or "cancelled"
@@ -356,9 +331,7 @@ class Engine:
             out.finish = out.finish or "error"
             raise
         finally:
-            if self._costs_dirty:  # what this generation measured serves the next process too
-                save_costs(t, self._verify_ms)
-                self._costs_dirty = False
+            self.costs.save()  # what this generation measured serves the next process too
             tail = out.tail()
             stats.total_seconds = time.perf_counter() - t0
             stats.n_tokens = len(out.tokens)
@@ -368,60 +341,103 @@ class Engine:
         if tail:
             yield tail
 
+    # ------------------------------------------------------------------ one round
     def _round(self, root: int, room: int, params: SamplingParams, rng, stats: GenerationStats) -> list[int]:
-        """Propose (draft tree and n-gram branch, each only where it pays), verify once, accept, commit.
+        """Propose, plan, verify, accept, commit. Returns the tokens the round emits.
 
-        Returns the tokens the round emits. Trees stay inside the attention window a plain step
-        would use, so their logits are bit-identical to plain decoding's.
+        Trees stay inside the attention window a plain step would use, so their logits are
+        bit-identical to plain decoding's.
         """
-        t, drafter = self.target, self.drafter
-        free_cells = min(t.n_cells - t.n_past, t.window_room)
-        if self._calibration:
-            return self._calibration_round(root, room, min(free_cells, self._node_limit()), params, rng, stats)
-        within_reach = drafter is not None and t.n_past <= getattr(drafter, "max_positions", t.n_ctx)  # else plain
-        tree = self._next_tree(room, free_cells) if within_reach else None
-        proposal, draft_ms, steady = None, None, False
+        t = self.target
+        tr, verify_before = time.perf_counter(), stats.verify_seconds
+        limit = min(t.n_cells - t.n_past, t.window_room, self._node_limit(), room)  # rows, root included
+        tail = self._tail(root)
+        if self.costs.calibration:
+            return self._calibration_round(root, tail, room, limit, params, rng, stats)
+        proposals = [s.propose(tail, limit - 1) for s in self._sources] if limit >= 2 else []
+        plan = self._plan(root, proposals, limit)
+        draft_ms = 0.0
+        tree = self._draft_tree(plan, room, limit)
         if tree is not None:
             steady = t.n_past - self._draft_len <= self.tree.depth  # catching up on many positions is not typical
             td = time.perf_counter()
-            proposal = self._draft(root, tree, self._draft_len)
+            proposals.append(self._draft_source.proposal(self._draft(root, tree, self._draft_len)))
             draft_ms = 1000 * (time.perf_counter() - td)
             stats.draft_seconds += draft_ms / 1000
+            stats.draft_rounds += 1
             self._draft_len = t.n_past
-        n_tree = proposal.tokens.size if proposal is not None else 1
-        chain = np.zeros(0, dtype=np.int32)
-        free_cells = min(free_cells, self._node_limit())  # a chain fills at most what is left of the limit
-        if self.ngram and room >= 2 and free_cells > n_tree:
-            expected = self.policy.expected(tree.depth) if (self.policy is not None and tree is not None) else 1.0
-            chain = self._chain(root, min(room, free_cells - n_tree + 1), n_tree, expected)
-        if proposal is None and chain.size == 0:
-            return self._plain_step(root, params, rng, stats)
-        pending, reached, on_tree, on_chain = self._tree_step(root, proposal, chain, params, rng, stats)
-        if self.policy is not None and tree is not None:
-            self.policy.observe(reached, on_tree, draft_ms if steady else None)
-        if chain.size:
-            self.chain_policy.observe(chain.size, on_chain)
+            plan = self._plan(root, proposals, limit)
+        if plan.plain:
+            pending, path = self._plain_step(root, params, rng, stats), np.zeros(1, dtype=np.int64)
+        else:
+            pending, path = self._verify(plan, params, rng, stats)
+        self._observe_round(plan, path, proposals, pending, tree, draft_ms if tree is not None and steady else None,
+                            stats)
+        verify_ms = 1000 * (stats.verify_seconds - verify_before)
+        self.costs.record_overhead(1000 * (time.perf_counter() - tr) - draft_ms - verify_ms)
         return pending
+
+    def _tail(self, root: int) -> list[int]:
+        """The context's last tokens, the root included: what the suffix sources match."""
+        if self._context is not None:
+            return self._context.tokens[-64:].tolist()
+        return [*self.target.history(max(0, self.target.n_past - 63)).tolist(), root]
+
+    def _plan(self, root: int, proposals: list[Proposal], limit: int) -> RoundPlan:
+        cands = merge(root, proposals)
+        return plan_round(cands, self.costs.verify_ms, limit, self.costs.overhead_ms, take_all=not self.adaptive)
+
+    def _draft_tree(self, plan: RoundPlan, room: int, limit: int) -> TreeConfig | None:
+        """The draft model's tree for this round, or None where its expected gain does not beat its cost
+        (or beat the plan the free sources already give)."""
+        t, drafter = self.target, self.drafter
+        if drafter is None or t.n_past > getattr(drafter, "max_positions", t.n_ctx) or room < 2 or limit < 2:
+            return None
+        if not self.adaptive:
+            return self._fit_tree(self.tree, room, limit)
+        if self.policy is None:
+            return None  # the costs could not be measured (no room): plain decoding this time
+        choice = self.policy.choose()
+        if choice is None:
+            return None
+        depth, tokens = choice
+        draft_speed = float(self.policy.speed(depth, tokens))
+        free_speed = plan.expected_tokens / max(plan.expected_ms, 1e-9)
+        if not plan.plain and free_speed >= draft_speed:
+            return None  # the free sources already do better than drafting would
+        # a tree of n nodes never needs more than n candidates per level: same tree, less drafting
+        return self._fit_tree(TreeConfig(tokens=tokens, depth=depth, topk=min(self.tree.topk, tokens)), room, limit)
+
+    def _observe_round(self, plan: RoundPlan, path: np.ndarray, proposals: list[Proposal], pending: list[int],
+                       tree: TreeConfig | None, draft_ms: float | None, stats: GenerationStats) -> None:
+        """Every source learns from what the round emitted; the tree policy and the statistics from what it verified."""
+        self._observe_sources(proposals, pending)
+        on_path = plan.sources[path[1:]] if path.size > 1 else np.zeros(0, dtype=np.uint8)
+        verified = plan.sources[1:]
+        stats.accepted_prediction_tokens += int(((on_path & PREDICTION) > 0).sum())
+        stats.rejected_prediction_tokens += int(((verified & PREDICTION) > 0).sum() - ((on_path & PREDICTION) > 0).sum())
+        if tree is None:
+            return
+        drafted = (verified & DRAFT) > 0
+        depth = _depths(plan.parents)[1:]
+        reached = int(depth[drafted].max()) if drafted.any() else 0
+        on_tree = int(np.argmin(np.append((on_path & DRAFT) > 0, False)))  # leading accepted draft nodes
+        if reached == 0:  # the plan kept none of the draft's nodes: nothing to learn about its depth
+            return
+        stats.record_tree(reached, on_tree)
+        if self.policy is not None:
+            self.policy.observe(reached, min(on_tree, reached), draft_ms)
+
+    def _observe_sources(self, proposals: list[Proposal], pending: list[int]) -> None:
+        for prop in proposals:
+            source = self._draft_source if prop.source == DRAFT else next(
+                (s for s in self._sources if s.source == prop.source), None)
+            if source is not None:
+                source.observe(prop, pending)
 
     def _node_limit(self) -> int:
         """Most nodes (root included) one verification may hold."""
         return self._max_nodes or self.target.max_tree_nodes
-
-    def _next_tree(self, room: int, free_cells: int) -> TreeConfig | None:
-        """This round's tree: the policy's choice (or the configured tree), fitted to the room left."""
-        free_cells = min(free_cells, self._node_limit())
-        if room < 2 or free_cells < 2:
-            return None
-        if self.adaptive and self.policy is None:
-            return None  # the costs could not be measured (no room): plain decoding this time
-        tree = self.tree
-        if self.policy is not None:
-            choice = self.policy.choose()
-            if choice is None:
-                return None
-            # a tree of n nodes never needs more than n candidates per level: same tree, less drafting
-            tree = TreeConfig(tokens=choice[1], depth=choice[0], topk=min(self.tree.topk, choice[1]))
-        return self._fit_tree(tree, room, free_cells)
 
     @staticmethod
     def _fit_tree(tree: TreeConfig, room: int, free_cells: int) -> TreeConfig:
@@ -430,3 +446,22 @@ class Engine:
             return tree
         tokens = min(tree.tokens, free_cells - 1)
         return TreeConfig(tokens=tokens, depth=min(tree.depth, room - 1, tokens), topk=tree.topk)
+
+
+def _depths(parents: np.ndarray) -> np.ndarray:
+    depth = np.zeros(parents.shape[0], dtype=np.int32)
+    for i in range(1, parents.shape[0]):
+        depth[i] = depth[parents[i]] + 1
+    return depth
+
+
+def _likeliest_chain(cands: Candidates, n: int) -> np.ndarray:
+    """Up to ``n`` tokens down the most likely child at every level."""
+    out, node = [], 0
+    while len(out) < n:
+        kids = np.flatnonzero(cands.parents == node)
+        if kids.size == 0:
+            break
+        node = int(kids[np.argmax(cands.prob[kids])])
+        out.append(int(cands.tokens[node]))
+    return np.asarray(out, dtype=np.int32)

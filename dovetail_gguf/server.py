@@ -48,6 +48,17 @@ class TextPart(BaseModel):
     text: str
 
 
+class Prediction(BaseModel):
+    """OpenAI's Predicted Outputs: ``{"type": "content", "content": str | [text parts]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
@@ -67,6 +78,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
+    prediction: Prediction | None = None
 
     @field_validator("n")
     @classmethod
@@ -242,7 +254,8 @@ def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, defaul
 
     def options(req: _Sampling) -> dict:
         max_tokens = min(req.max_tokens or default_max_tokens, dt.target.n_ctx)  # capped at the context
-        return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop)
+        return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
+                    prediction=req.prediction.text() if req.prediction is not None else None)
 
     @app.get("/health")
     async def health() -> dict:
@@ -335,7 +348,9 @@ def _finish(result) -> str:
 
 def _usage(result) -> dict:
     s = result.stats
-    return {"prompt_tokens": s.n_prompt_tokens, "completion_tokens": s.n_tokens, "total_tokens": s.n_prompt_tokens + s.n_tokens}
+    return {"prompt_tokens": s.n_prompt_tokens, "completion_tokens": s.n_tokens, "total_tokens": s.n_prompt_tokens + s.n_tokens,
+            "completion_tokens_details": {"accepted_prediction_tokens": s.accepted_prediction_tokens,
+                                          "rejected_prediction_tokens": s.rejected_prediction_tokens}}
 
 
 def _extension(result) -> dict:

@@ -400,10 +400,11 @@ class Target:
         for s in range(1, n_paths):
             self._ctx.seq_rm(s, -1, -1)
 
-    def commit(self, path) -> None:
+    def commit(self, path) -> int:
         """Keep the verified nodes ``path`` (root first, each the parent of the next); free the rest.
 
         May run a small llama_decode (see below): views from verify_tree are invalid afterwards.
+        Returns the rows that decode re-evaluated (0: none ran).
         """
         layout = self._pending
         if layout is None:
@@ -429,3 +430,4 @@ class Target:
         self._history[lo:hi] = layout.tokens[path]
         self.n_past = hi
         self._check_committed()
+        return int(path.size - k)

@@ -68,6 +68,12 @@ class GenerationStats:
     rounds: int = 0
     accepted_tokens: int = 0  # tokens emitted by rounds (bonus included)
     verified_rows: int = 0  # target rows evaluated by rounds (1 for a plain step)
+    reevaluated_rows: int = 0  # rows commit decoded again (accepted nodes off the batch's first path)
+    draft_rounds: int = 0  # rounds that ran the draft model
+    # Predicted Outputs (OpenAI's meaning): prediction tokens the answer took from the prediction,
+    # and prediction tokens verified and refused
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
     # per draft-tree depth d (index d - 1): rounds whose draft tree reached depth d, and those
     # that accepted at least d of its tokens; their ratio is the acceptance by depth
     depth_drafted: list[int] = field(default_factory=list)
@@ -130,8 +136,13 @@ class GenerateOptions:
     max_tokens: int = 256
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: Sequence[str] = ()
+    # Predicted Outputs: text (or token ids) the answer is expected to repeat, e.g. the file being
+    # edited. It only proposes draft tokens: the output is the same with or without it.
+    prediction: str | Sequence[int] | None = None
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidArgumentError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.prediction is not None and not isinstance(self.prediction, (str, list, tuple, np.ndarray)):
+            raise InvalidArgumentError(f"prediction must be a string or token ids, got {type(self.prediction).__name__}")
         self.sampling.validate()

@@ -160,3 +160,22 @@ def test_auth(server):
     bad = openai.OpenAI(base_url=server + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_predicted_outputs_through_the_openai_client(client, server):
+    """OpenAI's `prediction` field: the same answer with it, most of it accepted, counted in usage."""
+    msgs = [{"role": "user", "content": "Repeat this line exactly: the cat sat on the mat and looked at the door."}]
+    ref = client.chat.completions.create(model="x", messages=msgs, max_tokens=40, temperature=0)
+    text = ref.choices[0].message.content
+    got = client.chat.completions.create(model="x", messages=msgs, max_tokens=40, temperature=0,
+                                         prediction={"type": "content", "content": text})
+    assert got.choices[0].message.content == text
+    details = got.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= 0.5 * got.usage.completion_tokens, got.usage
+    assert ref.usage.completion_tokens_details.accepted_prediction_tokens == 0
+    parts = client.chat.completions.create(model="x", messages=msgs, max_tokens=40, temperature=0,
+                                           prediction={"type": "content", "content": [{"type": "text", "text": text}]})
+    assert parts.choices[0].message.content == text
+    bad = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                     json={"messages": msgs, "max_tokens": 4, "prediction": {"type": "audio", "content": "x"}})
+    assert bad.status_code == 400 and "prediction" in bad.json()["error"]["message"]

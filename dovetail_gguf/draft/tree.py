@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ContextFullError, InvalidArgumentError
 from ..types import DraftTree, TreeConfig
+from ..plan import order_best_first  # noqa: F401  (also imported from here)
 from .model import DraftKVCache, DraftModel
 
 log = logging.getLogger(__name__)
@@ -60,25 +61,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise InvalidArgumentError(f"draft dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
-
-
-def order_best_first(parents: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Depth-first order of a tree (node 0 the root), children visited best score first.
-
-    The most likely path then comes first in the target's batch, so its KV
-    cells stay contiguous when it is accepted.
-    """
-    n = parents.shape[0]
-    children: list[list[int]] = [[] for _ in range(n)]
-    for i in np.argsort(-scores, kind="stable"):
-        if parents[i] >= 0:
-            children[parents[i]].append(int(i))
-    order, stack = [], [0]
-    while stack:
-        node = stack.pop()
-        order.append(node)
-        stack.extend(reversed(children[node]))
-    return np.asarray(order, dtype=np.int64)
 
 
 class _Pool:
