@@ -102,8 +102,11 @@ class _LookupSystem:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
+        # logits_all=True: with a draft model Llama keeps every position's logits, but sizes that array
+        # from this argument (left False, it holds n_batch rows, and a longer prompt fails to broadcast)
         self.llm = Llama(model_path=str(target_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), verbose=False, seed=0)
+                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), verbose=False, seed=0,
+                         logits_all=True)
 
     def run(self, prompt_tokens: list[int], max_tokens: int) -> tuple[str, int, float]:
         self.llm.reset()
@@ -213,8 +216,9 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         engines[NGRAM] = Dovetail(target_path, False, tree=tree, target_config=tcfg, adaptive=adaptive, ngram=True)
     encoded = [plain.chat_prompt_tokens([{"role": "user", "content": p}]) if chat else plain.tokenize_prompt(p)
                for p in prompts]
-    # prompt lookup keeps logits for every position: its context must hold the prompt, the answer and a draft
-    lookup_ctx = max(n_ctx, max(len(t) for t in encoded) + max_tokens + 64)
+    # prompt lookup keeps logits for every position of its context (n_ctx x n_vocab floats): a context
+    # that holds the longest prompt, the answer and a draft, and no more
+    lookup_ctx = -(-(max(len(t) for t in encoded) + max_tokens + 64) // 256) * 256
     lookup = _LookupSystem(plain.target.path, lookup_ctx, threads) if LOOKUP in systems else None
     records: list[RunRecord] = []
     order = [s for s in SYSTEMS if s in systems] + ([PLAIN_EXACT] if exact else [])

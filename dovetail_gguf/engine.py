@@ -157,9 +157,10 @@ class Engine:
     def _prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, int]:
         """Reuse the longest cached prefix, evaluate the rest.
 
-        Returns (last logits, pairs the drafter holds). With a drafter, the
-        reused prefix also stops where the drafter's own cache ends: its next
-        pair needs the target feature just before it.
+        Returns (last logits, pairs the drafter holds). The target keeps the
+        whole reused prefix; a drafter that holds less of it (after a stretch
+        of plain decoding, say) catches up at its next draft from the target
+        features stored for every committed position.
         """
         t = self.target
         cached = t.committed_tokens
@@ -170,10 +171,9 @@ class Engine:
             if self._fresh_drafter:  # its features of the cached prefix were never recorded
                 n_keep, self._fresh_drafter = 0, False
             held = self.drafter.trim(max(n_keep - 1, 0))
-            n_keep = min(n_keep, held + 1)
         t.truncate(n_keep)
-        if n_keep < prompt.size - 1:
-            _, hidden = t.prefill(prompt[n_keep:-1])
+        if n_keep < prompt.size - 1:  # outputs (through the LM head) only where a drafter reads hidden states
+            _, hidden = t.prefill(prompt[n_keep:-1], outputs=self._hidden is not None)
             if self._hidden is not None:
                 self._hidden[n_keep : prompt.size - 1] = hidden
         # the last prompt token alone, as a one-token decode: its logits are then the same whether

@@ -216,6 +216,11 @@ class LlamaContext(_OwnedHandle):
     def _free(self, handle) -> None:
         self._lib.llama_free(handle)
 
+    def set_embeddings(self, on: bool) -> None:
+        """Hidden states (and so logits) for every row (on, the default), or outputs only where
+        the batch asks for them (off: a prefill that needs no outputs skips the LM head)."""
+        self._lib.llama_set_embeddings(self.handle, bool(on))
+
     def decode(self, batch: Batch) -> None:
         """``llama_decode``. Its codes (llama.h): 0 ok; 1 no KV slot for the batch; -1 invalid batch;
         2 aborted and < -1 fatal, both leaving the micro-batches already processed in the memory.

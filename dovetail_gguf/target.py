@@ -327,26 +327,39 @@ class Target:
                                  f"{self.n_past} tokens committed")
 
     # ------------------------------------------------------------------ evaluation
-    def prefill(self, tokens) -> tuple[np.ndarray, np.ndarray]:
-        """Append ``tokens`` to the cache. Returns (last row's logits, hidden states of all rows), copies."""
+    def prefill(self, tokens, outputs: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Append ``tokens`` to the cache. Returns (last row's logits, hidden states of all rows), copies.
+
+        ``outputs=False`` computes neither (returns (None, None)): no row goes through the LM
+        head, which for a large vocabulary is a good part of a prompt's cost.
+        """
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         if tokens.ndim != 1 or tokens.size == 0:
             raise InvalidArgumentError("prefill needs at least one token")
         self._check_tokens(tokens)
         self._check_room(tokens.size)
         self._drop_pending()
-        hidden = np.empty((tokens.size, self.n_embd), dtype=np.float32)
+        hidden = np.empty((tokens.size, self.n_embd), dtype=np.float32) if outputs else None
         step = self._batch.capacity
         logits = None
-        for start in range(0, tokens.size, step):
-            chunk = tokens[start : start + step]
-            self._batch.set_chain(chunk, self.n_past)
-            self._decode()
-            lg, hd = self._outputs(chunk.size)
-            hidden[start : start + chunk.size] = hd
-            logits = lg[-1].copy()
-            self._history[self.n_past : self.n_past + chunk.size] = chunk
-            self.n_past += chunk.size
+        if not outputs:
+            self._ctx.set_embeddings(False)
+            self._batch.logits[:] = 0
+        try:
+            for start in range(0, tokens.size, step):
+                chunk = tokens[start : start + step]
+                self._batch.set_chain(chunk, self.n_past)
+                self._decode()
+                if outputs:
+                    lg, hd = self._outputs(chunk.size)
+                    hidden[start : start + chunk.size] = hd
+                    logits = lg[-1].copy()
+                self._history[self.n_past : self.n_past + chunk.size] = chunk
+                self.n_past += chunk.size
+        finally:
+            if not outputs:  # every other evaluation wants every row's outputs
+                self._batch.logits[:] = 1
+                self._ctx.set_embeddings(True)
         return logits, hidden
 
     def decode_one(self, token: int) -> tuple[np.ndarray, np.ndarray]:

@@ -382,6 +382,12 @@ def test_train_draft_options_are_checked_before_any_work(fake_data, tmp_path, ar
     assert_one_line_error(r, message)
 
 
+def test_draft_init_refuses_a_seed_torch_cannot_take(tmp_path):
+    r = dovetail("draft", "init", "-o", str(tmp_path / "d"), "--seed", "99999999999999999999999")
+    assert_one_line_error(r, "seed must fit")
+    assert not (tmp_path / "d").exists()
+
+
 def test_data_generate_refuses_a_nan_temperature(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"prompt": "hi"}\n')

@@ -115,3 +115,22 @@ def test_engine_and_api_share_defaults():
 
     assert inspect.signature(Engine).parameters["adaptive"].default is True
     assert inspect.signature(Dovetail).parameters["adaptive"].default is True
+
+
+def test_a_second_turn_keeps_the_targets_cache_whatever_the_drafter_holds(smollm2_path, monkeypatch):
+    """The drafter may hold few pairs (rounds without drafting); the target still reuses the whole
+    prefix and the drafter catches up from the stored features: only the new tokens are evaluated."""
+    from dovetail_gguf import Dovetail
+
+    with Dovetail(smollm2_path, target_config=TargetConfig(n_ctx=1024, n_threads=2)) as dt:
+        first = dt.tokenize_prompt("The old lighthouse keeper climbed the stairs")
+        r1 = dt.generate_tokens(first, max_tokens=40)
+        held = dt.engine.drafter.trim(10**9)  # what the drafter holds now (trim to more keeps all)
+        second = [*first, *r1.tokens, *dt.target.tokenize(" Later that night, the keeper", add_special=False).tolist()]
+        rows = []
+        real = Target.prefill
+        monkeypatch.setattr(Target, "prefill", lambda self, tokens, *a, **k: rows.append(len(tokens)) or real(self, tokens, *a, **k))
+        r2 = dt.generate_tokens(second, max_tokens=20)
+        assert sum(rows) <= len(second) - len(first) - len(r1.tokens) + 1, (rows, held)
+        assert r2.stats.n_tokens == 20
+        assert (np.abs(dt.engine._hidden[: len(second)]).sum(axis=1) > 0).all()  # every feature is there

@@ -105,6 +105,26 @@ def test_commit_keeps_exactly_the_accepted_path(target):
     target.reset()
 
 
+def test_a_prefill_without_outputs_leaves_the_same_cache(target):
+    """outputs=False skips the LM head and the hidden states, not the KV cache: the next decode
+    is bit for bit the same, and later evaluations output every row again."""
+    prompt = target.tokenize(PROMPT)
+    target.reset()
+    logits, hidden = target.prefill(prompt)
+    assert logits is not None and hidden.shape == (prompt.size, target.n_embd)
+    want, _ = target.decode_one(42)
+    want = want.copy()
+    target.reset()
+    assert target.prefill(prompt, outputs=False) == (None, None)
+    got, got_hidden = target.decode_one(42)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got_hidden).sum() > 0  # hidden states are back on
+    res = target.verify_tree(np.array([7, 8, 9], dtype=np.int32), np.array([-1, 0, 0], dtype=np.int32))
+    assert np.isfinite(res.logits).all() and (np.abs(res.hidden).sum(axis=1) > 0).all()
+    target.commit([0])
+    target.reset()
+
+
 def test_commit_validates_the_path(target):
     target.reset()
     target.prefill(target.tokenize(PROMPT))

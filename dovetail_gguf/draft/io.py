@@ -222,6 +222,8 @@ def init_draft(target_path: str | os.PathLike, n_layer: int = 2, fusion: str = "
     embedding, head = read_token_matrices(target_path)
     if draft_vocab and d2t is None:
         d2t = torch.arange(draft_vocab)  # until token frequencies are known: the first ids
+    if not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+        raise InvalidArgumentError(f"the seed must fit in 64 bits, got {seed}")
     torch.manual_seed(seed)
     return DraftModel(cfg, embedding, head, d2t)
 
