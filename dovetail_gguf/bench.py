@@ -140,13 +140,19 @@ def replay_bound(prompt: list[int], answer: list[int], verify_ms: dict[int, floa
     sources' candidates the target will accept, and verifies exactly that: replayed offline
     against ``answer`` (the plain run's tokens) with measured t(k). The sources are this engine's:
     the suffix index over the prompt and the answer so far, and the prediction when given."""
-    from .costs import interpolate
+    from .costs import ROW_SIZES, interpolate
     from .plan import merge
     from .proposers import SuffixProposer, prediction_proposer
     from .suffix import SuffixIndex
 
     if not answer:
         return 1.0
+    # verifying k rows may be dearer than verifying more (kernels batch rows in blocks): the policy
+    # pads to the cheapest size that holds them; sizes as the engine's rounds use them
+    sizes = np.array([k for k in ROW_SIZES if k <= max_rows])
+    cost = np.asarray(interpolate(verify_ms, sizes), dtype=np.float64)
+    need = np.arange(1, max_rows + 1)
+    cheapest = np.array([cost[sizes >= k].min() for k in need])  # index: accepted tokens (rows - 1)
     index = SuffixIndex(prompt)
     sources = [SuffixProposer(index)]
     if prediction:
@@ -162,11 +168,11 @@ def replay_bound(prompt: list[int], answer: list[int], verify_ms: dict[int, floa
             if kids.size == 0:
                 break
             node, accepted = int(kids[0]), accepted + 1
-        spent += float(interpolate(verify_ms, accepted + 1))
+        spent += float(cheapest[accepted])
         step = answer[pos : pos + accepted + 1]  # the accepted tokens and the bonus token
         index.extend(step)
         pos += len(step)
-    return (len(answer) - 1) * float(interpolate(verify_ms, 1)) / spent
+    return (len(answer) - 1) * float(cheapest[0]) / spent
 
 
 def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, threads: int | None = None,

@@ -20,7 +20,7 @@ import numpy as np
 from .accept import SamplingParams, accept_greedy, accept_sampling, sample_token
 from .costs import CostModel, load_costs, load_exact_rows, probe_exact_rows, save_costs, save_exact_rows  # noqa: F401
 from .errors import ContextFullError, InvalidArgumentError
-from .plan import DRAFT, PREDICTION, Candidates, Proposal, RoundPlan, merge, plan_round
+from .plan import DRAFT, PREDICTION, Candidates, Proposal, RoundPlan, merge, plan_round, tested_nodes
 from .policy import TreePolicy
 from .proposers import AcceptanceModel, DraftProposer, SuffixProposer, prediction_proposer
 from .proposers import CONTEXT_PRIOR
@@ -412,17 +412,18 @@ class Engine:
                        tree: TreeConfig | None, draft_ms: float | None, stats: GenerationStats) -> None:
         """Every source learns from what the round emitted; the tree policy and the statistics from what it verified."""
         self._observe_sources(proposals, pending)
-        on_path = plan.sources[path[1:]] if path.size > 1 else np.zeros(0, dtype=np.uint8)
-        verified = plan.sources[1:]
-        stats.accepted_prediction_tokens += int(((on_path & PREDICTION) > 0).sum())
-        stats.rejected_prediction_tokens += int(((verified & PREDICTION) > 0).sum() - ((on_path & PREDICTION) > 0).sum())
+        on_path = (plan.sources[path[1:]] & PREDICTION) > 0 if path.size > 1 else np.zeros(0, dtype=bool)
+        stats.accepted_prediction_tokens += int(on_path.sum())
+        stats.rejected_prediction_tokens += int(((plan.sources[1:] & PREDICTION) > 0).sum() - on_path.sum())
         if tree is None:
             return
-        drafted = (verified & DRAFT) > 0
-        depth = _depths(plan.parents)[1:]
-        reached = int(depth[drafted].max()) if drafted.any() else 0
-        on_tree = int(np.argmin(np.append((on_path & DRAFT) > 0, False)))  # leading accepted draft nodes
-        if reached == 0:  # the plan kept none of the draft's nodes: nothing to learn about its depth
+        # the draft's tree as drafted, whether or not the plan verified all of it: its depth, and how
+        # far down it the round's emitted tokens went (what verifying it whole would have accepted)
+        draft = next(p for p in proposals if p.source == DRAFT)
+        reached = int(_depths(draft.parents).max())
+        _, hit = tested_nodes(draft.tokens, draft.parents, pending)
+        on_tree = int(hit.sum())  # at most one child per level matches
+        if reached == 0:
             return
         stats.record_tree(reached, on_tree)
         if self.policy is not None:

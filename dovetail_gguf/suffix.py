@@ -11,7 +11,7 @@ form one request needs:
   no rebuild);
 - a query takes the longest n-gram of the tail that occurred before, extends
   each match backwards to its full length (up to ``MAX_MATCH``), and returns
-  the continuations of the best few matches (longest, then most recent).
+  the most recent few of the longest matches.
 
 :func:`continuation_tree` turns those continuations into a small token tree
 with counts: one chain where the text never branched, several where it did.
@@ -81,8 +81,8 @@ class SuffixIndex:
             self.append(tok)
 
     def find(self, tail: Sequence[int], max_matches: int = 4) -> list[Match]:
-        """The best earlier occurrences of ``tail``'s end that have a token after them: the longest
-        n-gram level found first, then each match's full length; longest first, then most recent.
+        """The longest earlier occurrences of ``tail``'s end that have a token after them, most recent
+        first: the longest n-gram level found, then (at ``max_ngram``) each match's full length.
         Empty when not even the last token occurred before."""
         tail = list(tail[-MAX_MATCH:]) if not isinstance(tail, list) else tail[-MAX_MATCH:]
         size = len(self._list)
@@ -97,8 +97,9 @@ class SuffixIndex:
                 lengths = [n] * len(cands)
             else:
                 lengths = self._full_lengths(np.asarray(cands), np.asarray(tail, dtype=np.int32), n)
-            order = sorted(range(len(cands)), key=lambda i: (-lengths[i], -cands[i]))[:max_matches]
-            return [Match(cands[i], int(lengths[i])) for i in order]
+            best = max(lengths)  # the longest matches only: a shorter one is a weaker guess, not a branch
+            order = sorted((i for i in range(len(cands)) if lengths[i] == best), key=lambda i: -cands[i])
+            return [Match(cands[i], best) for i in order[:max_matches]]
         return []
 
     def _full_lengths(self, ends: np.ndarray, tail: np.ndarray, known: int) -> list[int]:

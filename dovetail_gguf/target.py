@@ -43,9 +43,9 @@ class TargetConfig:
     max_tree_nodes: int = 64
     max_tree_paths: int = 64  # leaves per tree; llama.cpp allows 255
     use_extra_buffers: bool | None = None  # None: automatic (off only where AMX kernels crash)
-    # exact: no repacked weight layouts, so a tree row is computed by the same kernels as a one-token
-    # decode and greedy output is bit-identical to llama.cpp's plain decoding with the same setting
-    # (past 256 cells on several threads, a one-token decode still sums its attention in another order).
+    # exact: no repacked weight layouts, and one-token decodes evaluated with a throw-away second row
+    # (see decode_one), so a tree row is computed exactly as a plain step and greedy output is
+    # bit-identical to plain decoding with the same setting, at any context length.
     # Off (fast): the fastest kernels; a batch row can then differ from a one-token decode in the last
     # bits, which flips the argmax only at near-ties of the top two logits.
     exact: bool = False
@@ -165,6 +165,7 @@ class Target:
 
         self.n_threads = config.n_threads or physical_cores()
         self.n_seq_max = config.max_tree_paths + 1
+        self._spare_seq = config.max_tree_paths  # trees use sequences 0..n_paths - 1: never this one
         # llama.cpp rounds contexts up to 256 cells and aborts on small ones with many sequences;
         # the user's n_ctx still bounds what is generated.
         n_cells = max(config.n_ctx, 256)
@@ -368,11 +369,24 @@ class Target:
             raise InvalidArgumentError(f"token id {token} is outside 0..{self.n_vocab - 1}")
         self._check_room(1)
         self._drop_pending()
-        self._batch.set_chain(np.array([token], dtype=np.int32), self.n_past)
-        self._decode()
+        paired = self.config.exact and self.n_past + 2 <= self.n_cells
+        if paired:
+            # exact mode: a second, throw-away row on a spare sequence. Past 256 cells llama.cpp splits
+            # a lone row's attention across threads and sums the parts in another order; with two rows
+            # it computes this one exactly as it computes a tree row, at any context length
+            self._batch.set_rows(np.array([token, token], dtype=np.int32),
+                                 np.array([self.n_past, 0], dtype=np.int32),
+                                 np.array([0, self._spare_seq], dtype=np.int32))
+        else:
+            self._batch.set_chain(np.array([token], dtype=np.int32), self.n_past)
+        try:
+            self._decode()
+        finally:
+            if paired:
+                self._ctx.seq_rm(self._spare_seq, -1, -1)
         self._history[self.n_past] = token
         self.n_past += 1
-        logits, hidden = self._outputs(1)
+        logits, hidden = self._outputs(2 if paired else 1)
         return logits[0], hidden[0]
 
     def verify_tree(self, tokens, parents) -> TreeResult:

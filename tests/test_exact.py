@@ -88,3 +88,37 @@ def test_the_shipped_qwen_draft_is_lossless_in_exact_mode(qwen_path):
             a, b = plain.chat(chat, max_tokens=32), spec.chat(chat, max_tokens=32)
             assert b.tokens == a.tokens
             assert b.stats.accepted_tokens > b.stats.rounds  # the draft's tokens were accepted, not only bonus tokens
+
+
+@pytest.mark.parametrize("model", ["smollm2", "qwen"])
+def test_exact_mode_plain_steps_equal_tree_rows_at_any_context_length(model, request):
+    """In exact mode a one-token decode carries a throw-away second row, so llama.cpp computes it as
+    it computes tree rows: bit-equal to a verified chain's root past 256 and 512 cells too, on two
+    threads (a lone row's attention is split across threads there and summed in another order)."""
+    path = request.getfixturevalue({"smollm2": "smollm2_path", "qwen": "qwen_path"}[model])
+    rng = np.random.default_rng(0)
+    with Target(path, TargetConfig(n_ctx=1024, n_threads=2, exact=True)) as t:
+        for filled in (100, 255, 300, 511, 700):
+            t.reset()
+            t.prefill(rng.integers(100, 5000, size=filled).astype(np.int32), outputs=False)
+            single, _ = t.decode_one(1234)
+            single = single.copy()
+            t.truncate(filled)
+            chain = t.verify_tree(np.array([1234, 5, 6], dtype=np.int32), np.array([-1, 0, 1], dtype=np.int32))
+            np.testing.assert_array_equal(single, chain.logits[0], err_msg=f"{filled} cells")
+            t.commit([0])
+            assert t.n_past == filled + 1 and t.committed_tokens[-1] == 1234  # the spare row left nothing
+        t.reset()
+
+
+@pytest.mark.slow
+def test_exact_mode_speculation_equals_plain_decoding_past_256_cells(smollm2_path, tmp_path, monkeypatch):
+    """The oracle's long accepted paths, with the answer running from cell ~200 to ~330."""
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    with Target(smollm2_path, TargetConfig(n_ctx=1024, n_threads=2, exact=True)) as t:
+        prompt = t.tokenize("Write a long essay about the history of the printing press. " * 15)[:200]
+        ref = generate(Engine(t), prompt, 130)
+        oracle = OracleDrafter(len(prompt), ref.tokens + [0] * 8)
+        spec = generate(Engine(t, oracle, TreeConfig(12, 6, 2), adaptive=False, ngram=True), prompt, 130)
+        assert spec.tokens == ref.tokens
+        assert spec.stats.mean_accepted_tokens > 2.5

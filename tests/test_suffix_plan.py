@@ -44,18 +44,17 @@ def test_index_finds_what_a_brute_force_scan_finds(symbols):
             assert found == []
             continue
         recent = sorted(ends)[-32:]  # the index looks at the most recent positions of one n-gram
-        assert {m.end for m in found} == set(recent), (stream, n)
+        length = {e: full_length(stream, e) if n == 5 else n for e in recent}
+        best = max(length.values())
+        assert [m.end for m in found] == sorted((e for e in recent if length[e] == best), reverse=True), (stream, n)
         for m in found:
-            want = full_length(stream, m.end) if n == 5 else n
-            assert m.length == want, (stream, m)
+            assert m.length == best == length[m.end], (stream, m)
             np.testing.assert_array_equal(index.continuation(m, 7), stream[m.end + 1 : m.end + 8])
-        lengths = [m.length for m in found]
-        assert lengths == sorted(lengths, reverse=True)  # longest first
 
 
 def test_continuation_tree_counts_where_the_text_branched():
-    #            a b c X a b c Y a b c X  (tail "a b c": followed by X twice and Y once)
-    stream = [1, 2, 3, 9, 1, 2, 3, 8, 1, 2, 3, 9, 1, 2, 3]
+    # "1 2 3" after 5, 6, 7 and (the tail) 4: three matches of the same length, followed by 9, 8, 9
+    stream = [5, 1, 2, 3, 9, 6, 1, 2, 3, 8, 7, 1, 2, 3, 9, 4, 1, 2, 3]
     index = SuffixIndex(stream, max_ngram=3)
     tree = continuation_tree(index, index.find(stream, 4), max_depth=2)
     kids = np.flatnonzero(tree.parents == 0)
@@ -63,6 +62,11 @@ def test_continuation_tree_counts_where_the_text_branched():
     count = {int(tree.tokens[k]): int(tree.count[k]) for k in kids}
     assert count == {9: 2, 8: 1}
     assert (tree.parents[1:] < np.arange(1, tree.tokens.size)).all()
+    # a longer match wins alone: "4 1 2 3" occurred once before, followed by 8
+    stream = [4, 1, 2, 3, 8, 6, 1, 2, 3, 9, 4, 1, 2, 3]
+    index = SuffixIndex(stream, max_ngram=3)
+    tree = continuation_tree(index, index.find(stream, 4), max_depth=1)
+    assert tree.tokens[1:].tolist() == [8] and tree.count[1] == 1
 
 
 def test_index_cost_stays_small_at_8k_tokens():
