@@ -48,7 +48,7 @@ class Dovetail:
         ``adaptive``: size each round's tree from measured costs and acceptance, and fall back
         to plain decoding where speculation does not pay; False always drafts ``tree``.
         ``ngram``: add continuations found earlier in the context as a free branch of each tree
-        (None: whenever a draft model is used); with ``draft=False`` it is n-gram-only speculation.
+        (None: whenever a draft model is used); with ``draft=False`` it is suffix-index-only speculation.
         """
         self.target = Target(resolve_target(target), target_config)
         self.drafter = None

@@ -183,7 +183,7 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     """Run every system on every prompt, interleaved; returns the raw records and the summary.
 
     ``chat``: each prompt is sent as a user message, rendered with the model's chat template.
-    ``ngram``: n-gram branches in the dovetail system's trees (None: on, as the engine defaults).
+    ``ngram``: the suffix index as a source for the dovetail system (None: on, as the engine defaults).
     ``exact``: the speculative systems run in exact mode (see TargetConfig.exact); plain decoding
     stays in the fastest mode, the speed baseline, and a plain-exact run is added as the
     reference their outputs must equal.

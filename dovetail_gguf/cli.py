@@ -42,9 +42,10 @@ def main(verbose: int) -> None:
     of tokens that a small PyTorch draft model proposes. Output is lossless:
     greedy text is the target's argmax at every step and sampling keeps its
     distribution. With --exact it is bit-identical to plain decoding in the same
-    mode up to 256 tokens of context, or on one thread; without, and past that
-    on several threads, llama.cpp rounds batches differently and can flip
-    near-ties of the top two logits (see the README's "Known limitation").
+    mode at any context length; without, llama.cpp computes batched rows with
+    other kernels than lone ones and can flip near-ties of the top two logits.
+    Requests that repeat their context (edits, quotes, a --prediction) get long
+    verified chains from a suffix index over the prompt and the answer.
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -61,10 +62,10 @@ def target_options(f):
     f = click.option("--target-gpu-layers", "gpu_layers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Target layers to offload to a GPU (needs llama-cpp-python built with CUDA).")(f)
     f = click.option("--exact", is_flag=True,
-                     help="Exact mode: no repacked weight layouts, so greedy output is bit-identical to plain "
-                          "decoding in the same mode (up to 256 tokens of context, or on one thread). Default: "
-                          "the fastest kernels, lossless up to kernel rounding (a near-tie of the top two logits "
-                          "can flip).")(f)
+                     help="Exact mode: no repacked weight layouts, and one-token decodes computed as tree rows "
+                          "are, so greedy output is bit-identical to plain decoding in the same mode at any "
+                          "context length. Default: the fastest kernels, lossless up to kernel rounding (a "
+                          "near-tie of the top two logits can flip).")(f)
     return f
 
 
@@ -72,10 +73,11 @@ def draft_options(f):
     f = click.option("--draft", "draft", type=click.Path(file_okay=False), default=None,
                      help="Draft folder (config.json + model.safetensors). Default: $DOVETAIL_DRAFT, else the "
                           "shipped draft made for the target, if any.")(f)
-    f = click.option("--no-draft", is_flag=True, help="No draft model: plain decoding (the baseline), or n-gram "
+    f = click.option("--no-draft", is_flag=True, help="No draft model: plain decoding (the baseline), or suffix-index "
                                                       "speculation alone with --ngram.")(f)
     f = click.option("--ngram/--no-ngram", "ngram", default=None,
-                     help="Add continuations found earlier in the prompt and answer to each tree as a free branch. "
+                     help="Propose continuations of the longest earlier match of the context's tail (a suffix "
+                          "index over the prompt and the answer), verified in long chains where the text repeats. "
                           "Default: on with a draft model, off without.")(f)
     f = click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                      help="Where the draft runs; auto picks CUDA when present.")(f)
@@ -86,8 +88,8 @@ def draft_options(f):
     f = click.option("--tree-depth", type=click.IntRange(min=1, max=32), default=7, show_default=True, help="Maximum tree depth.")(f)
     f = click.option("--tree-topk", type=click.IntRange(min=1, max=64), default=10, show_default=True, help="Children considered per expanded node.")(f)
     f = click.option("--fixed-tree", is_flag=True,
-                     help="Always draft the full tree. By default each tree is sized from measured costs and "
-                          "acceptance, with plain decoding where speculation does not pay.")(f)
+                     help="Always draft the full tree and verify every candidate. By default each round verifies "
+                          "what measured costs and acceptance say pays, and plain decoding where nothing does.")(f)
     return f
 
 
@@ -476,7 +478,7 @@ def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="Write a PNG: tokens/s per system, τ vs speedup.")
 @click.option("--force", is_flag=True, help="Overwrite existing --json / --plot files.")
 def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out, plot_out, force, **kw) -> None:
-    """Compare plain llama.cpp decoding, prompt lookup, n-gram speculation and Dovetail on the same GGUF (greedy).
+    """Compare plain llama.cpp decoding, prompt lookup, suffix-index speculation and Dovetail on the same GGUF (greedy).
 
     Systems run interleaved per prompt; speedups are medians of per-prompt ratios against plain decoding
     in the same run, prefill excluded for every system.

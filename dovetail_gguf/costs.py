@@ -182,9 +182,9 @@ class CostModel:
         self.overhead_ms = 0.0  # per-round work outside decodes and drafting (planning, accepting, ...)
         self.dirty = False
 
-    @property
-    def known(self) -> bool:
-        """Whether t(k) is known (cached, or calibrated); loads the cache or starts calibrating."""
+    def ready(self) -> bool:
+        """Whether t(k) is known (cached, or calibrated); the first call loads the cache, or
+        starts calibrating (the next rounds' sizes are then in ``calibration``)."""
         if self.table is None:
             cached = load_costs(self.target)
             if cached is None:
@@ -205,8 +205,8 @@ class CostModel:
         """
         if not self.table:
             return np.asarray(rows, dtype=np.float64) * 1.0
-        ks = np.array(sorted(self.table))
-        vs = np.array([self.table[k] for k in ks])
+        ks = np.fromiter(sorted(self.table), dtype=np.float64)
+        vs = np.fromiter((self.table[k] for k in ks.astype(int).tolist()), dtype=np.float64, count=ks.size)
         r = np.asarray(rows, dtype=np.float64)
         below = np.maximum(np.searchsorted(ks, r, side="right") - 1, 0)  # the largest measured size <= rows
         optimistic = vs[below] + (r - ks[below]) * EXPLORE_ROW_COST * self.table.get(1, vs[0])

@@ -22,8 +22,7 @@ from .costs import CostModel, load_costs, load_exact_rows, probe_exact_rows, sav
 from .errors import ContextFullError, InvalidArgumentError
 from .plan import DRAFT, PREDICTION, Candidates, Proposal, RoundPlan, merge, plan_round, tested_nodes
 from .policy import TreePolicy
-from .proposers import AcceptanceModel, DraftProposer, SuffixProposer, prediction_proposer
-from .proposers import CONTEXT_PRIOR
+from .proposers import CONTEXT_PRIOR, AcceptanceModel, DraftProposer, SuffixProposer, prediction_proposer
 from .suffix import SuffixIndex
 from .target import Target
 from .text import Detokenizer, StopMatcher
@@ -248,7 +247,7 @@ class Engine:
         return max(1, min(rows, limit))
 
     def _make_policy(self) -> TreePolicy | None:
-        if not self.costs.known:
+        if not self.costs.ready():
             return None
         return TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, self.costs.table,
                           draft_ms_per_depth=float(getattr(self.drafter, "step_ms", 0.0)))
@@ -309,7 +308,7 @@ class Engine:
             if self.adaptive and self.drafter is not None and self.policy is None:
                 self.policy = self._make_policy()  # None until t(k) is known (cached, or timed by the first rounds)
             elif self.adaptive and self._sources:
-                self.costs.known  # noqa: B018  (loads the cache, or starts calibrating)
+                self.costs.ready()  # loads the cache, or starts calibrating
             pending = [sample_token(logits, params, rng)]
             while True:
                 if self._context is not None:

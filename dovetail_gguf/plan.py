@@ -9,11 +9,12 @@ fared. The proposals merge into one tree (a node two sources propose keeps the
 higher estimate), and :func:`plan_round` picks the subtree with the most
 expected emitted tokens per millisecond:
 
-    speed(S) = (1 + sum_{v in S} P(v)) / (t(|S| + 1) + overhead + P(off first path) * t(2))
+    speed(S) = (1 + sum_{v in S} P(v)) / (t(|S| + 1) + overhead + P(off first path) * t_reeval)
 
 where t(k) is the measured cost of verifying k rows, the overhead is the
 measured per-round work outside the decode, and the last term prices commit's
-re-evaluation of accepted nodes off the first path. Since P falls along every
+re-evaluation of accepted nodes off the first path (t(2) unless told). Only the
+row counts in ``ROW_SIZES`` are considered, so few sizes need measuring. Since P falls along every
 path, the best subtree of each size is a prefix of the nodes sorted by P, so
 the search is one cumsum. No subtree (plain decoding, speed 1 / t(1)) is the
 answer when nothing pays.
@@ -33,7 +34,7 @@ PLAIN_RATIO = 1.0  # a plan must beat a plain step by this factor (no margin: th
 
 @dataclass
 class Proposal:
-    """A source's tree below the root: node 0 is the root (no token of its own); parents precede children.
+    """A source's tree below the root: node 0 stands for the root (its token is not read); parents precede children.
 
     ``cond[i]`` is the estimated probability that node i is accepted once its parent is;
     ``bucket[i]`` is the :class:`AcceptanceModel` bucket that estimate came from.
@@ -51,8 +52,7 @@ class Proposal:
         return int(self.tokens.shape[0]) - 1
 
 
-DRAFT, CONTEXT, PREDICTION = 1, 2, 4
-SOURCE_NAMES = {DRAFT: "draft", CONTEXT: "context", PREDICTION: "prediction"}
+DRAFT, CONTEXT, PREDICTION = 1, 2, 4  # source bits
 
 
 @dataclass
@@ -100,21 +100,26 @@ def tested_nodes(tokens: np.ndarray, parents: np.ndarray, emitted: list[int]) ->
     exactly the probability of accepting that child as a one-point draft).
     Returns (indices of tested nodes, accepted flags).
     """
-    tested, hit = [], []
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents.tolist()[1:], start=1):
+        children.setdefault(parent, []).append(i)
+    toks = tokens.tolist()
+    tested: list[int] = []
+    hit: list[bool] = []
     node = 0
     for tok in emitted:
-        kids = np.flatnonzero(parents == node)
-        if kids.size == 0:
+        kids = children.get(node)
+        if not kids:
             break
-        match = kids[tokens[kids] == tok]
-        tested.append(kids)
-        hit.append(tokens[kids] == tok)
-        if match.size == 0:
+        node = -1
+        for k in kids:  # the first child with the token is the one on the path (a drafter may repeat a sibling)
+            tested.append(k)
+            hit.append(node < 0 and toks[k] == tok)
+            if hit[-1]:
+                node = k
+        if node < 0:
             break
-        node = int(match[0])
-    if not tested:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-    return np.concatenate(tested), np.concatenate(hit)
+    return np.asarray(tested, dtype=np.int64), np.asarray(hit, dtype=bool)
 
 
 @dataclass
@@ -133,33 +138,54 @@ class Candidates:
 
 def merge(root: int, proposals: list[Proposal]) -> Candidates:
     """One tree from several proposals; a node proposed twice keeps the higher probability."""
-    tokens, parents, prob, sources = [root], [-1], [1.0], [0]
-    children: dict[tuple[int, int], int] = {}
-    for p in proposals:
-        if p.size == 0:
-            continue
-        local = np.empty(p.tokens.shape[0], dtype=np.int64)
-        local[0] = 0
-        tok_l, par_l, cond_l = p.tokens.tolist(), p.parents.tolist(), p.cond.tolist()
-        for i in range(1, len(tok_l)):
-            parent = int(local[par_l[i]])
-            pr = prob[parent] * min(cond_l[i], 1.0)
-            key = (parent, tok_l[i])
-            j = children.get(key)
+    props = [p for p in proposals if p.size]
+    if not props:
+        return Candidates(np.array([root], dtype=np.int32), np.array([-1], dtype=np.int32), np.ones(1),
+                          np.zeros(1, dtype=np.uint8))
+    base = props[0]  # taken whole (a proposal is a trie: no node twice), the others merged into it
+    tokens = base.tokens.astype(np.int32)
+    tokens[0] = root
+    parents = base.parents.astype(np.int32)
+    prob = _path_products(parents, np.minimum(base.cond, 1.0))
+    sources = np.full(tokens.shape, base.source, dtype=np.uint8)
+    sources[0] = 0
+    if len(props) == 1:
+        return Candidates(tokens, parents, prob, sources)
+    tokens_l, parents_l, prob_l, sources_l = tokens.tolist(), parents.tolist(), prob.tolist(), sources.tolist()
+    children = {(par, tok): i for i, (par, tok) in enumerate(zip(parents_l[1:], tokens_l[1:]), start=1)}
+    for p in props[1:]:
+        local = [0] * p.tokens.shape[0]
+        for i, (tok, par, cond) in enumerate(zip(p.tokens.tolist()[1:], p.parents.tolist()[1:], p.cond.tolist()[1:]),
+                                             start=1):
+            parent = local[par]
+            pr = prob_l[parent] * min(cond, 1.0)
+            j = children.get((parent, tok))
             if j is None:
-                j = len(tokens)
-                children[key] = j
-                tokens.append(tok_l[i])
-                parents.append(parent)
-                prob.append(pr)
-                sources.append(p.source)
+                j = len(tokens_l)
+                children[(parent, tok)] = j
+                tokens_l.append(tok)
+                parents_l.append(parent)
+                prob_l.append(pr)
+                sources_l.append(p.source)
             else:
-                prob[j] = max(prob[j], pr)
-                sources[j] |= p.source
+                prob_l[j] = max(prob_l[j], pr)
+                sources_l[j] |= p.source
             local[i] = j
     # conditional estimates are at most 1 and a node's estimate only ever rises: P falls along every path
-    return Candidates(np.asarray(tokens, dtype=np.int32), np.asarray(parents, dtype=np.int32),
-                      np.asarray(prob, dtype=np.float64), np.asarray(sources, dtype=np.uint8))
+    return Candidates(np.asarray(tokens_l, dtype=np.int32), np.asarray(parents_l, dtype=np.int32),
+                      np.asarray(prob_l, dtype=np.float64), np.asarray(sources_l, dtype=np.uint8))
+
+
+def _path_products(parents: np.ndarray, cond: np.ndarray) -> np.ndarray:
+    """P(node) = the product of ``cond`` from the root down to it (root: 1)."""
+    cond = cond.astype(np.float64)
+    cond[0] = 1.0
+    if (parents[1:] == np.arange(parents.shape[0] - 1)).all():  # a chain
+        return np.cumprod(cond)
+    prob = cond.tolist()
+    for i, par in enumerate(parents.tolist()[1:], start=1):
+        prob[i] *= prob[par]
+    return np.asarray(prob)
 
 
 @dataclass
@@ -217,21 +243,29 @@ def plan_round(cands: Candidates, verify_ms, limit: int, overhead_ms: float = 0.
 
 def _first_path(cands: Candidates) -> np.ndarray:
     """Nodes on the chain that follows the most likely child from the root."""
-    on = np.zeros(cands.tokens.shape[0], dtype=bool)
+    n = cands.tokens.shape[0]
+    on = np.zeros(n, dtype=bool)
     on[0] = True
-    node = 0
-    while True:
-        kids = np.flatnonzero(cands.parents == node)
-        if kids.size == 0:
-            return on
-        node = int(kids[np.argmax(cands.prob[kids])])
+    if n == 1:
+        return on
+    kids = np.arange(1, n)
+    order = kids[np.lexsort((-cands.prob[1:], cands.parents[1:]))]  # by parent, likeliest child first
+    par = cands.parents[order]
+    first = order[np.r_[True, par[1:] != par[:-1]]]  # the likeliest child of each parent
+    best = dict(zip(cands.parents[first].tolist(), first.tolist()))
+    node = best.get(0)
+    while node is not None:
         on[node] = True
+        node = best.get(node)
+    return on
 
 
 def _layout(cands: Candidates, chosen: np.ndarray, expected: float, cost: float) -> RoundPlan:
     """``chosen`` (ancestor-closed, root first) in depth-first order, likeliest child first."""
-    local = {int(j): i for i, j in enumerate(chosen)}
-    parents = np.array([-1] + [local[int(cands.parents[j])] for j in chosen[1:]], dtype=np.int32)
+    local = {j: i for i, j in enumerate(chosen.tolist())}
+    parents = np.array([-1] + [local[j] for j in cands.parents[chosen[1:]].tolist()], dtype=np.int32)
+    if (parents[1:] == np.arange(parents.size - 1)).all():  # a chain: already in order
+        return RoundPlan(chosen, cands.tokens[chosen], parents, cands.sources[chosen], expected, cost)
     order = order_best_first(parents, cands.prob[chosen])
     nodes = chosen[order]
     remap = np.empty(order.size, dtype=np.int32)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .plan import CONTEXT, DRAFT, PREDICTION, AcceptanceModel, Proposal, tested_nodes
+from .plan import CONTEXT, DRAFT, PREDICTION, AcceptanceModel, Proposal, tested_nodes  # noqa: F401 (AcceptanceModel: re-exported)
 from .suffix import SuffixIndex, continuation_tree
 from .types import DraftTree
 
@@ -91,5 +91,3 @@ class DraftProposer:
         nodes, hit = tested_nodes(proposal.tokens, proposal.parents, emitted)
         self.acceptance.observe(proposal.bucket[nodes], hit, proposal.weight[nodes])
 
-
-__all__ = ["SuffixProposer", "DraftProposer", "prediction_proposer", "match_bucket", "CONTEXT", "PREDICTION", "DRAFT"]

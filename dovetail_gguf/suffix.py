@@ -134,11 +134,18 @@ class ContinuationTree:
 
 def continuation_tree(index: SuffixIndex, matches: list[Match], max_depth: int) -> ContinuationTree:
     """The continuations of ``matches`` (each up to ``max_depth`` tokens) as one tree with counts."""
+    conts = [tuple(index.continuation(m, max_depth).tolist()) for m in matches]
+    if len(set(conts)) == 1:  # one chain (the common case): no merging to do
+        chain, n = conts[0], len(conts[0])
+        return ContinuationTree(np.array((0, *chain), dtype=np.int32), np.arange(-1, n, dtype=np.int32),
+                                np.full(n + 1, len(matches), dtype=np.int32),
+                                np.r_[0, np.full(n, max(m.length for m in matches))].astype(np.int32),
+                                np.arange(n + 1, dtype=np.int32))
     tokens, parents, count, match_len, depth = [0], [-1], [len(matches)], [0], [0]
     children: dict[tuple[int, int], int] = {}
-    for m in matches:
+    for m, cont in zip(matches, conts):
         node = 0
-        for d, tok in enumerate(index.continuation(m, max_depth).tolist(), start=1):
+        for d, tok in enumerate(cont, start=1):
             key = (node, tok)
             nxt = children.get(key)
             if nxt is None:

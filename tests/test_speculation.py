@@ -134,3 +134,19 @@ def test_a_second_turn_keeps_the_targets_cache_whatever_the_drafter_holds(smollm
         assert sum(rows) <= len(second) - len(first) - len(r1.tokens) + 1, (rows, held)
         assert r2.stats.n_tokens == 20
         assert (np.abs(dt.engine._hidden[: len(second)]).sum(axis=1) > 0).all()  # every feature is there
+
+
+def test_two_processes_writing_the_cost_cache_keep_each_others_entries(tmp_path):
+    """The cache's read-modify-write runs under a lock: concurrent writers lose nothing."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from dovetail_gguf import costs\n"
+              "for i in range(40): costs._write_entry(f'{sys.argv[1]}-{i}', {'1': 1.0})\n")
+    env = {**__import__("os").environ, "DOVETAIL_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, name], env=env) for name in ("a", "b", "c")]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    import json
+
+    keys = set(json.loads((tmp_path / "verify_costs.json").read_text()))
+    assert keys == {f"{n}-{i}" for n in "abc" for i in range(40)}

@@ -144,6 +144,11 @@ def test_tested_nodes_follow_the_emitted_path():
     assert nodes.tolist() == [1, 2, 3, 4] and hit.tolist() == [True, False, True, False]
     nodes, hit = nodes_tested(tokens, parents, [9])
     assert nodes.tolist() == [1, 2] and not hit.any()
+    # a repeated sibling token: the first one is on the path, and the walk goes on below it
+    tokens = np.array([0, 5, 5, 7], dtype=np.int32)  # root; 5 -> 7; 5
+    parents = np.array([-1, 0, 0, 1], dtype=np.int32)
+    nodes, hit = nodes_tested(tokens, parents, [5, 7])
+    assert nodes.tolist() == [1, 2, 3] and hit.tolist() == [True, False, True]
 
 
 def test_acceptance_model_learns_and_forgets():
