@@ -166,3 +166,21 @@ def test_cost_model_guesses_optimistically_only_where_nothing_was_measured():
     assert XEON.verify_ms(8) < XEON.verify_ms(5) + 4 * 44.0 * 0.1 + 1e-9  # unmeasured: at most the optimistic guess
     assert XEON.verify_ms(16) < float(np.interp(16, [12, 20], [196.6, 340.7]))
     assert XEON.verify_ms(80) == pytest.approx(437.6 + 16 * 4.4)
+
+
+def test_replay_bound_rewards_only_what_the_sources_could_have_proposed():
+    """The bench's replay bound: an answer that copies the prompt gets long verified chains; one
+    the sources never saw gets plain steps only (exactly 1.0); costs pad to the cheapest size."""
+    from dovetail_gguf.bench import replay_bound
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 1000, size=300).tolist()
+    costs = {1: 10.0, 2: 11.0, 4: 12.0, 64: 40.0}
+    copied = replay_bound(prompt, prompt[100:260], costs)
+    assert copied > 3.0
+    unseen = replay_bound(prompt, rng.integers(5000, 6000, size=100).tolist(), costs)
+    assert unseen == pytest.approx(1.0)
+    # with the prediction equal to the answer, the first tokens need no earlier match
+    answer = rng.integers(2000, 3000, size=120).tolist()
+    assert replay_bound(prompt, answer, costs, prediction=answer) > 3.0
+    assert replay_bound(prompt, answer, costs) == pytest.approx(1.0)
