@@ -20,7 +20,7 @@ import numpy as np
 from .accept import SamplingParams, accept_greedy, accept_sampling, sample_token
 from .costs import CostModel, load_costs, load_exact_rows, probe_exact_rows, save_costs, save_exact_rows  # noqa: F401
 from .errors import ContextFullError, InvalidArgumentError
-from .plan import DRAFT, PREDICTION, Candidates, Proposal, RoundPlan, merge, plan_round, tested_nodes
+from .plan import DRAFT, PREDICTION, Proposal, RoundPlan, likeliest_path, merge, plan_round, tested_nodes, tree_depths
 from .policy import TreePolicy
 from .proposers import CONTEXT_PRIOR, AcceptanceModel, DraftProposer, SuffixProposer, prediction_proposer
 from .suffix import SuffixIndex
@@ -223,7 +223,7 @@ class Engine:
             n = min(rows - 1, room - 1, free_cells - 1)
             proposals = [s.propose(tail, n) for s in self._sources]
             cands = merge(root, proposals)
-            guess = _likeliest_chain(cands, n)
+            guess = cands.tokens[likeliest_path(cands)[1 : n + 1]]
             chain = np.concatenate([guess, np.full(n - guess.size, root, dtype=np.int32)])
             plan = RoundPlan(np.arange(n + 1), np.append(np.int32(root), chain).astype(np.int32),
                              np.arange(-1, n, dtype=np.int32), np.zeros(n + 1, dtype=np.uint8), 0.0, 0.0)
@@ -419,7 +419,7 @@ class Engine:
         # the draft's tree as drafted, whether or not the plan verified all of it: its depth, and how
         # far down it the round's emitted tokens went (what verifying it whole would have accepted)
         draft = next(p for p in proposals if p.source == DRAFT)
-        reached = int(_depths(draft.parents).max())
+        reached = int(tree_depths(draft.parents).max())
         _, hit = tested_nodes(draft.tokens, draft.parents, pending)
         on_tree = int(hit.sum())  # at most one child per level matches
         if reached == 0:
@@ -447,21 +447,3 @@ class Engine:
         tokens = min(tree.tokens, free_cells - 1)
         return TreeConfig(tokens=tokens, depth=min(tree.depth, room - 1, tokens), topk=tree.topk)
 
-
-def _depths(parents: np.ndarray) -> np.ndarray:
-    depth = np.zeros(parents.shape[0], dtype=np.int32)
-    for i in range(1, parents.shape[0]):
-        depth[i] = depth[parents[i]] + 1
-    return depth
-
-
-def _likeliest_chain(cands: Candidates, n: int) -> np.ndarray:
-    """Up to ``n`` tokens down the most likely child at every level."""
-    out, node = [], 0
-    while len(out) < n:
-        kids = np.flatnonzero(cands.parents == node)
-        if kids.size == 0:
-            break
-        node = int(kids[np.argmax(cands.prob[kids])])
-        out.append(int(cands.tokens[node]))
-    return np.asarray(out, dtype=np.int32)

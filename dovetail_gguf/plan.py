@@ -29,9 +29,6 @@ import numpy as np
 from .costs import ROW_SIZES
 
 
-PLAIN_RATIO = 1.0  # a plan must beat a plain step by this factor (no margin: the costs are measured)
-
-
 @dataclass
 class Proposal:
     """A source's tree below the root: node 0 stands for the root (its token is not read); parents precede children.
@@ -235,29 +232,41 @@ def plan_round(cands: Candidates, verify_ms, limit: int, overhead_ms: float = 0.
         speed = np.where(np.isin(rows, ROW_SIZES), expected / cost, 0.0)  # a few sizes: each is measured once
         speed[0] = expected[0] / cost[0]
         best = k_max if take_all else int(np.argmax(speed))
-        if not take_all and speed[best] <= speed[0] * PLAIN_RATIO:
+        if not take_all and speed[best] <= speed[0]:  # no margin: the costs are measured
             best = 0
     chosen = np.concatenate([[0], np.sort(order[:best])]) if best else np.zeros(1, dtype=np.int64)
     return _layout(cands, chosen, float(expected[best]), float(cost[best]))
 
 
 def _first_path(cands: Candidates) -> np.ndarray:
-    """Nodes on the chain that follows the most likely child from the root."""
+    """Nodes on the chain that follows the most likely child from the root (a mask)."""
+    on = np.zeros(cands.tokens.shape[0], dtype=bool)
+    on[likeliest_path(cands)] = True
+    return on
+
+
+def likeliest_path(cands: Candidates) -> list[int]:
+    """The root, then the most likely child at every level, as node indices."""
     n = cands.tokens.shape[0]
-    on = np.zeros(n, dtype=bool)
-    on[0] = True
     if n == 1:
-        return on
+        return [0]
     kids = np.arange(1, n)
     order = kids[np.lexsort((-cands.prob[1:], cands.parents[1:]))]  # by parent, likeliest child first
     par = cands.parents[order]
     first = order[np.r_[True, par[1:] != par[:-1]]]  # the likeliest child of each parent
     best = dict(zip(cands.parents[first].tolist(), first.tolist()))
-    node = best.get(0)
-    while node is not None:
-        on[node] = True
-        node = best.get(node)
-    return on
+    path = [0]
+    while path[-1] in best:
+        path.append(best[path[-1]])
+    return path
+
+
+def tree_depths(parents: np.ndarray) -> np.ndarray:
+    """Each node's depth (root 0) in a tree whose parents precede their children."""
+    depth = [0] * parents.shape[0]
+    for i, par in enumerate(parents.tolist()[1:], start=1):
+        depth[i] = depth[par] + 1
+    return np.asarray(depth, dtype=np.int32)
 
 
 def _layout(cands: Candidates, chosen: np.ndarray, expected: float, cost: float) -> RoundPlan:

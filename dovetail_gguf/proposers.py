@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .plan import CONTEXT, DRAFT, PREDICTION, AcceptanceModel, Proposal, tested_nodes  # noqa: F401 (AcceptanceModel: re-exported)
+from .plan import CONTEXT, DRAFT, PREDICTION, AcceptanceModel, Proposal, tested_nodes, tree_depths  # noqa: F401 (AcceptanceModel: re-exported)
 from .suffix import SuffixIndex, continuation_tree
 from .types import DraftTree
 
@@ -79,10 +79,7 @@ class DraftProposer:
         parents = tree.parents.astype(np.int32)
         scores = tree.scores.astype(np.float64)
         q = np.exp(np.minimum(scores - scores[np.maximum(parents, 0)], 0.0))
-        depth = np.zeros(parents.shape[0], dtype=np.int32)
-        for i in range(1, parents.shape[0]):
-            depth[i] = depth[parents[i]] + 1
-        bucket = np.minimum(np.maximum(depth - 1, 0), self.MAX_BUCKET - 1).astype(np.int32)
+        bucket = np.minimum(np.maximum(tree_depths(parents) - 1, 0), self.MAX_BUCKET - 1).astype(np.int32)
         cond = np.minimum(1.0, self.acceptance.rate(bucket) * q)
         cond[0] = 1.0
         return Proposal(DRAFT, tree.tokens.astype(np.int32), parents, cond, bucket, q)

@@ -48,24 +48,25 @@ class TextPart(BaseModel):
     text: str
 
 
-class Prediction(BaseModel):
+class _TextContent(BaseModel):
+    """A ``content`` field in OpenAI's shape: a string or an array of text parts."""
+
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class Prediction(_TextContent):
     """OpenAI's Predicted Outputs: ``{"type": "content", "content": str | [text parts]}``."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["content"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_TextContent):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class _Sampling(BaseModel):
