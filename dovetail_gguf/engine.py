@@ -17,12 +17,14 @@ from typing import Iterator
 
 import numpy as np
 
-from .accept import SamplingParams, accept_greedy, accept_sampling, sample_token
+from .accept import Sampler, accept_greedy
 from .costs import CostModel, load_costs, load_exact_rows, probe_exact_rows, save_costs, save_exact_rows  # noqa: F401
 from .errors import ContextFullError, InvalidArgumentError
-from .plan import DRAFT, PREDICTION, Proposal, RoundPlan, likeliest_path, merge, plan_round, tested_nodes, tree_depths
+from .plan import (DRAFT, PREDICTION, Proposal, RoundPlan, likeliest_path, merge, plan_round, restrict, tested_nodes,
+                   tree_depths)
 from .policy import TreePolicy
 from .proposers import CONTEXT_PRIOR, AcceptanceModel, DraftProposer, SuffixProposer, prediction_proposer
+from .llama_handles import GrammarState
 from .suffix import SuffixIndex
 from .target import Target
 from .text import Detokenizer, StopMatcher
@@ -149,7 +151,8 @@ class Engine:
     def start(self, prompt_tokens, options: GenerateOptions | None = None) -> Generation:
         """Begin generating after ``prompt_tokens``; iterate the result for text pieces."""
         options = options or GenerateOptions()
-        options.validate()
+        options.validate(self.target.n_vocab)
+        self.check_grammar(options.grammar)
         return Generation(self, self.check_prompt(prompt_tokens), options)
 
     # ------------------------------------------------------------------ phases
@@ -183,6 +186,15 @@ class Engine:
             self._hidden[prompt.size - 1] = hidden
         return logits.copy(), held
 
+    def check_grammar(self, gbnf: str | None) -> None:
+        """Raise InvalidArgumentError if llama.cpp cannot parse ``gbnf``."""
+        if gbnf is not None:
+            GrammarState(self.target.vocab, gbnf).close()
+
+    def _sampler(self, prompt: np.ndarray, options: GenerateOptions) -> Sampler:
+        grammar = GrammarState(self.target.vocab, options.grammar) if options.grammar is not None else None
+        return Sampler(options.sampling, prompt.tolist(), self.target.is_eog, grammar, options.logprobs)
+
     def _prediction_tokens(self, prediction) -> np.ndarray:
         if prediction is None or isinstance(prediction, str) and not prediction:
             return np.zeros(0, dtype=np.int32)
@@ -207,8 +219,8 @@ class Engine:
         if self.costs.record(n, seconds) and self.policy is not None:
             self.policy.costs_changed(n)
 
-    def _calibration_round(self, root: int, tail: list[int], room: int, free_cells: int, params: SamplingParams,
-                           rng, stats: GenerationStats) -> list[int]:
+    def _calibration_round(self, root: int, tail: list[int], room: int, free_cells: int, sampler: Sampler,
+                           stats: GenerationStats) -> list[int]:
         """A round of the size t(k) is next measured for, so timing costs no decode of its own.
 
         One row is a plain step; k rows verify the root and k - 1 free guesses: the sources'
@@ -217,17 +229,17 @@ class Engine:
         """
         rows = self.costs.calibration.pop(0)
         if rows == 1 or room < 2 or free_cells < 2:
-            pending = self._plain_step(root, params, rng, stats)
+            pending = self._plain_step(root, sampler, stats)
             proposals: list[Proposal] = []
         else:
             n = min(rows - 1, room - 1, free_cells - 1)
             proposals = [s.propose(tail, n) for s in self._sources]
-            cands = merge(root, proposals)
+            cands = self._candidates(root, proposals, sampler)
             guess = cands.tokens[likeliest_path(cands)[1 : n + 1]]
             chain = np.concatenate([guess, np.full(n - guess.size, root, dtype=np.int32)])
             plan = RoundPlan(np.arange(n + 1), np.append(np.int32(root), chain).astype(np.int32),
                              np.arange(-1, n, dtype=np.int32), np.zeros(n + 1, dtype=np.uint8), 0.0, 0.0)
-            pending, _ = self._verify(plan, params, rng, stats)
+            pending, _ = self._verify(plan, sampler, stats)
         self._observe_sources(proposals, pending)
         if not self.costs.calibration and self.costs.finish_calibration():
             if self.adaptive and self.drafter is not None and self.policy is None:
@@ -252,7 +264,7 @@ class Engine:
         return TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, self.costs.table,
                           draft_ms_per_depth=float(getattr(self.drafter, "step_ms", 0.0)))
 
-    def _plain_step(self, root: int, params: SamplingParams, rng, stats: GenerationStats) -> list[int]:
+    def _plain_step(self, root: int, sampler: Sampler, stats: GenerationStats) -> list[int]:
         """Decode one token; the next token is sampled from its logits."""
         t = self.target
         tv = time.perf_counter()
@@ -264,7 +276,7 @@ class Engine:
         self._record_cost(1, seconds)
         stats.accepted_tokens += 1
         stats.verified_rows += 1
-        return [sample_token(logits, params, rng)]
+        return [sampler.choose(logits)]
 
     def _draft(self, root: int, tree: TreeConfig, draft_len: int) -> DraftTree:
         """The drafter's tree below ``root``, after feeding it the pairs it lacks."""
@@ -273,16 +285,16 @@ class Engine:
         pair_tokens = np.append(t.history(draft_len + 1), root).astype(np.int32)
         return self.drafter.propose(feats, pair_tokens, tree)
 
-    def _verify(self, plan: RoundPlan, params: SamplingParams, rng, stats: GenerationStats) -> tuple[list[int], np.ndarray]:
+    def _verify(self, plan: RoundPlan, sampler: Sampler, stats: GenerationStats) -> tuple[list[int], np.ndarray]:
         """Verify the plan's nodes in one call, accept, commit. Returns (tokens emitted, accepted path)."""
         t = self.target
         tv = time.perf_counter()
         res = t.verify_tree(plan.tokens, plan.parents)
         self._record_cost(plan.rows, time.perf_counter() - tv)
-        if params.greedy:
+        if sampler.plain_greedy:
             acc = accept_greedy(res.layout.tokens, res.layout.parents, res.layout.ancestors, res.logits)
         else:
-            acc = accept_sampling(res.layout.tokens, res.layout.parents, res.logits, params, rng)
+            acc = sampler.walk(res.layout.tokens, res.layout.parents, res.logits)
         if self._hidden is not None:
             self._hidden[t.n_past : t.n_past + acc.path.size] = res.hidden[acc.path]
         stats.reevaluated_rows += t.commit(acc.path)
@@ -293,13 +305,14 @@ class Engine:
         return pending, acc.path
 
     def _generate(self, prompt: np.ndarray, options: GenerateOptions, handle: Generation) -> Iterator[str]:
-        t, params = self.target, options.sampling
-        rng = np.random.default_rng(params.seed)
+        t = self.target
         stats = GenerationStats(n_prompt_tokens=int(prompt.size))
+        sampler: Sampler | None = None
         out = _Output(t, options)
         t0 = time.perf_counter()
         try:
             prediction = self._prediction_tokens(options.prediction)
+            sampler = self._sampler(prompt, options)
             logits, self._draft_len = self._prefill(prompt)  # pairs the drafter holds
             stats.prefill_seconds = time.perf_counter() - t0
             self._start_sources(prompt, prediction)
@@ -309,8 +322,9 @@ class Engine:
                 self.policy = self._make_policy()  # None until t(k) is known (cached, or timed by the first rounds)
             elif self.adaptive and self._sources:
                 self.costs.ready()  # loads the cache, or starts calibrating
-            pending = [sample_token(logits, params, rng)]
+            pending = [sampler.choose(logits)]
             while True:
+                sampler.accept(pending)
                 if self._context is not None:
                     self._context.extend(pending)  # the stream is the context and the root
                 yield from out.emit(pending)  # 1. what the last step produced, up to a stop condition
@@ -322,7 +336,7 @@ class Engine:
                     break
                 stats.rounds += 1
                 room = min(room, options.max_tokens - len(out.tokens))  # a round emits at most one token per row
-                pending = self._round(pending[-1], room, params, rng, stats)  # 2. one round
+                pending = self._round(pending[-1], room, sampler, stats)  # 2. one round
         except GeneratorExit:  # closed by the caller (a client went away): not a normal end
             out.finish = out.finish or "cancelled"
             raise
@@ -336,12 +350,17 @@ class Engine:
             stats.n_tokens = len(out.tokens)
             if self._device_stats is not None:
                 stats.peak_gpu_memory_bytes = self._device_stats()
-            handle.result = GenerationResult("".join(out.parts) + tail, out.tokens, out.finish or "length", stats)
+            logprobs = None
+            if sampler is not None:
+                sampler.close()
+                logprobs = sampler.records[: len(out.tokens)] if sampler.logprobs is not None else None
+            handle.result = GenerationResult("".join(out.parts) + tail, out.tokens, out.finish or "length", stats,
+                                             logprobs)
         if tail:
             yield tail
 
     # ------------------------------------------------------------------ one round
-    def _round(self, root: int, room: int, params: SamplingParams, rng, stats: GenerationStats) -> list[int]:
+    def _round(self, root: int, room: int, sampler: Sampler, stats: GenerationStats) -> list[int]:
         """Propose, plan, verify, accept, commit. Returns the tokens the round emits.
 
         Trees stay inside the attention window a plain step would use, so their logits are
@@ -352,9 +371,9 @@ class Engine:
         limit = min(t.n_cells - t.n_past, t.window_room, self._node_limit(), room)  # rows, root included
         tail = self._tail(root)
         if self.costs.calibration:
-            return self._calibration_round(root, tail, room, limit, params, rng, stats)
+            return self._calibration_round(root, tail, room, limit, sampler, stats)
         proposals = [s.propose(tail, limit - 1) for s in self._sources] if limit >= 2 else []
-        plan = self._plan(root, proposals, limit)
+        plan = self._plan(root, proposals, limit, sampler)
         draft_ms = 0.0
         tree = self._draft_tree(plan, room, limit)
         if tree is not None:
@@ -365,11 +384,11 @@ class Engine:
             stats.draft_seconds += draft_ms / 1000
             stats.draft_rounds += 1
             self._draft_len = t.n_past
-            plan = self._plan(root, proposals, limit)
+            plan = self._plan(root, proposals, limit, sampler)
         if plan.plain:
-            pending, path = self._plain_step(root, params, rng, stats), np.zeros(1, dtype=np.int64)
+            pending, path = self._plain_step(root, sampler, stats), np.zeros(1, dtype=np.int64)
         else:
-            pending, path = self._verify(plan, params, rng, stats)
+            pending, path = self._verify(plan, sampler, stats)
         self._observe_round(plan, path, proposals, pending, tree, draft_ms if tree is not None and steady else None,
                             stats)
         verify_ms = 1000 * (stats.verify_seconds - verify_before)
@@ -382,8 +401,16 @@ class Engine:
             return self._context.tokens[-64:].tolist()
         return [*self.target.history(max(0, self.target.n_past - 63)).tolist(), root]
 
-    def _plan(self, root: int, proposals: list[Proposal], limit: int) -> RoundPlan:
+    @staticmethod
+    def _candidates(root: int, proposals: list[Proposal], sampler: Sampler):
+        """The merged proposals, without the nodes a grammar refuses (they could never be accepted)."""
         cands = merge(root, proposals)
+        if sampler.grammar is not None and cands.size:
+            cands = restrict(cands, sampler.prune(cands.tokens, cands.parents))
+        return cands
+
+    def _plan(self, root: int, proposals: list[Proposal], limit: int, sampler: Sampler) -> RoundPlan:
+        cands = self._candidates(root, proposals, sampler)
         return plan_round(cands, self.costs.verify_ms, limit, self.costs.overhead_ms, take_all=not self.adaptive)
 
     def _draft_tree(self, plan: RoundPlan, room: int, limit: int) -> TreeConfig | None:

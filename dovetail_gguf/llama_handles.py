@@ -7,6 +7,8 @@
   output views, sequence removal / copy / shift.
 - :class:`Batch` is a ``llama_batch`` whose arrays are numpy buffers owned by
   Python, so filling a batch is a handful of vectorized writes.
+- :class:`GrammarState` owns a grammar ``llama_sampler*``: which tokens a GBNF
+  grammar allows next, and accepting one.
 
 No state beyond the handles lives here; what the cells mean (the committed
 prefix, a tree's paths) is the business of :mod:`dovetail_gguf.target` and of
@@ -132,6 +134,49 @@ class Vocab:
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (EOS, EOT, ...)."""
         return bool(self._lib.llama_vocab_is_eog(self.handle, int(token)))
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+
+
+class GrammarState(_OwnedHandle):
+    """A GBNF grammar at some point of its input (a grammar ``llama_sampler*``, owned).
+
+    llama.cpp aborts the process if a grammar is made to accept a token it does not allow, so
+    :meth:`accept` is only ever called after :meth:`allows` said yes (the sampler guarantees it).
+    """
+
+    def __init__(self, vocab: Vocab, gbnf: str, root: str = "root", _handle=None):
+        self._lib = vocab._lib
+        self._vocab = vocab
+        if _handle is not None:
+            self.handle = _handle
+            return
+        self.handle = self._lib.llama_sampler_init_grammar(vocab.handle, gbnf.encode("utf-8"), root.encode("utf-8"))
+        if not self.handle:
+            raise InvalidArgumentError("llama.cpp could not parse the grammar (run with -vv for its message)")
+
+    def _free(self, handle) -> None:
+        self._lib.llama_sampler_free(handle)
+
+    def clone(self) -> "GrammarState":
+        return GrammarState(self._vocab, "", _handle=self._lib.llama_sampler_clone(self.handle))
+
+    def allowed(self, ids: np.ndarray) -> np.ndarray:
+        """[len(ids)] bool: which of ``ids`` the grammar allows next (one llama.cpp call)."""
+        data = np.zeros(len(ids), dtype=_TOKEN_DATA)
+        data["id"] = ids
+        arr = self._lib.llama_token_data_array(
+            data.ctypes.data_as(ctypes.POINTER(self._lib.llama_token_data)), len(ids), -1, False)
+        self._lib.llama_sampler_apply(self.handle, ctypes.byref(arr))
+        return np.isfinite(data["logit"])
+
+    def allows(self, token: int) -> bool:
+        return bool(self.allowed(np.array([token], dtype=np.int32))[0])
+
+    def accept(self, token: int) -> None:
+        """Advance past ``token``, which :meth:`allows` must have accepted."""
+        self._lib.llama_sampler_accept(self.handle, int(token))
 
 
 class Batch:

@@ -173,6 +173,17 @@ def merge(root: int, proposals: list[Proposal]) -> Candidates:
                       np.asarray(prob_l, dtype=np.float64), np.asarray(sources_l, dtype=np.uint8))
 
 
+def restrict(cands: Candidates, keep: np.ndarray) -> Candidates:
+    """The candidates where ``keep`` (ancestor-closed, root kept) is set, in the same order."""
+    if keep.all():
+        return cands
+    idx = np.flatnonzero(keep)
+    remap = np.full(keep.shape[0], -1, dtype=np.int32)
+    remap[idx] = np.arange(idx.size, dtype=np.int32)
+    parents = np.where(cands.parents[idx] >= 0, remap[np.maximum(cands.parents[idx], 0)], -1).astype(np.int32)
+    return Candidates(cands.tokens[idx], parents, cands.prob[idx], cands.sources[idx])
+
+
 def _path_products(parents: np.ndarray, cond: np.ndarray) -> np.ndarray:
     """P(node) = the product of ``cond`` from the root down to it (root: 1)."""
     cond = cond.astype(np.float64)

@@ -11,7 +11,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .accept import SamplingParams
+from .accept import TOP_LOGPROBS_MAX, SamplingParams, TokenLogprob
 from .errors import InvalidArgumentError
 
 
@@ -129,6 +129,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens), "context_full",
     # or, for a generation that did not end by itself, "cancelled" (closed early) or "error"
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked for
 
 
 @dataclass
@@ -139,10 +140,16 @@ class GenerateOptions:
     # Predicted Outputs: text (or token ids) the answer is expected to repeat, e.g. the file being
     # edited. It only proposes draft tokens: the output is the same with or without it.
     prediction: str | Sequence[int] | None = None
+    grammar: str | None = None  # GBNF (llama.cpp's grammar format): the output must match it
+    logprobs: int | None = None  # record each token's log-probability and this many alternatives
 
-    def validate(self) -> None:
+    def validate(self, n_vocab: int | None = None) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidArgumentError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.prediction is not None and not isinstance(self.prediction, (str, list, tuple, np.ndarray)):
             raise InvalidArgumentError(f"prediction must be a string or token ids, got {type(self.prediction).__name__}")
-        self.sampling.validate()
+        if self.logprobs is not None and not 0 <= self.logprobs <= TOP_LOGPROBS_MAX:
+            raise InvalidArgumentError(f"top logprobs must be in 0..{TOP_LOGPROBS_MAX}, got {self.logprobs}")
+        if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar.strip()):
+            raise InvalidArgumentError("the grammar is empty")
+        self.sampling.validate(n_vocab)

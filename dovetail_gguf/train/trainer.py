@@ -10,8 +10,8 @@ and gradient clipping. With ``unroll`` > 1 the draft is also run on its own
 predictions (a training-time test, as in EAGLE-3), the way deeper tree nodes
 see it at inference; pass j's loss is weighted 0.8^j.
 
-``accelerate`` places the work: bf16 autocast on a GPU, plain fp32 on the CPU,
-DDP across GPUs when launched with ``accelerate launch``.
+``accelerate`` (the ``[train]`` extra) places the work: bf16 autocast on a GPU,
+plain fp32 on the CPU, DDP across GPUs when launched with ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DovetailError, InvalidArgumentError
+from ..extras import require
 from ..gguf_io import read_facts, read_token_matrices
 from ..draft.io import check_draft_output, check_pairing, config_for_target, load_draft, save_draft
 from ..draft.model import DraftModel
@@ -208,7 +209,7 @@ def train_draft(target_path, data_dir, out_dir, cfg: TrainConfig | None = None, 
     through the real engine (greedy, default tree) on ``cfg.tau_prompts``
     held-out prompts.
     """
-    from accelerate import Accelerator
+    Accelerator = require("accelerate", "training a draft").Accelerator
     from tqdm import tqdm
 
     cfg = cfg or TrainConfig()
