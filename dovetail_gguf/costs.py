@@ -6,7 +6,8 @@ takes, to size its trees. Where none are cached, its first rounds verify
 time them. The figures are kept in ``verify_costs.json`` in the user's cache
 folder (see :func:`dovetail_gguf.models.cache_dir`) and every later process on
 the same machine, file and settings reuses them. The engine keeps refining
-them from the rounds it runs.
+them from the rounds it runs: each size keeps how many decodes it has timed, their spread and
+when it was last timed, and a size not timed for MAX_AGE_DAYS leaves the cache.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import logging
 import os
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,16 +98,39 @@ def probe_exact_rows(target, limit: int, sizes=(4, 8, 16, 32, 64)) -> int:
 
 
 IMPLAUSIBLE_BELOW_T1 = 0.8  # a cached t(k) under this fraction of t(1) marks an entry timed on a busy machine
+MAX_AGE_DAYS = 30.0  # a cached size not timed again for this long is dropped (t(1) is always kept)
 
 
-def load_costs(target) -> dict[int, float] | None:
-    """Cached t(k) in ms for this target and settings, or None."""
+@dataclass
+class SizeStats:
+    """How t(k) of one size was measured: decodes timed, the typical relative deviation of one
+    timing from the mean (a decayed average of |ms - mean| / mean), and when it was last timed."""
+
+    n: int = 0
+    spread: float = 0.0
+    at: float = 0.0  # unix time
+
+
+def load_costs(target, stats: dict[int, SizeStats] | None = None) -> dict[int, float] | None:
+    """Cached t(k) in ms for this target and settings, or None. ``stats``, if given, is filled
+    with each size's :class:`SizeStats`. Sizes older than MAX_AGE_DAYS are left out."""
     entry = _read_all().get(cost_key(target))
     if not isinstance(entry, dict):
         return None
+    now, costs = time.time(), {}
     try:
-        costs = {int(k): float(v) for k, v in entry.items()}
-    except (TypeError, ValueError):
+        for k, v in entry.items():
+            if isinstance(v, dict):  # {"ms", "n", "spread", "at"}
+                meta = SizeStats(int(v.get("n", 1)), float(v.get("spread", 0.0)), float(v.get("at", 0.0)))
+                v = v["ms"]
+            else:  # the older format: the time alone
+                meta = SizeStats(1, 0.0, 0.0)
+            if int(k) != 1 and meta.at and now - meta.at > MAX_AGE_DAYS * 86400:
+                continue
+            costs[int(k)] = float(v)
+            if stats is not None:
+                stats[int(k)] = meta
+    except (TypeError, ValueError, KeyError):
         return None
     if 1 not in costs or not all(np.isfinite(v) and v > 0 for v in costs.values()):
         return None
@@ -114,9 +140,15 @@ def load_costs(target) -> dict[int, float] | None:
     return costs
 
 
-def save_costs(target, costs: dict[int, float]) -> None:
-    """Store t(k) for this target and settings (atomically; a cache that cannot be written is only logged)."""
-    _write_entry(cost_key(target), {str(k): round(v, 4) for k, v in sorted(costs.items())})
+def save_costs(target, costs: dict[int, float], stats: dict[int, SizeStats] | None = None) -> None:
+    """Store t(k) for this target and settings, with each size's sample count, spread and age
+    (atomically; a cache that cannot be written is only logged)."""
+    stats = stats or {}
+    now = time.time()
+    _write_entry(cost_key(target), {
+        str(k): {"ms": round(v, 4), "n": stats.get(k, SizeStats(1)).n,
+                 "spread": round(stats.get(k, SizeStats()).spread, 4), "at": round(stats.get(k, SizeStats(at=now)).at, 1)}
+        for k, v in sorted(costs.items())})
 
 
 def _write_entry(key: str, value) -> None:
@@ -150,9 +182,17 @@ def interpolate(costs: dict[int, float], n):
     return float(out) if np.ndim(out) == 0 else out
 
 
-def update_cost(costs: dict[int, float], n: int, ms: float, rate: float = 0.1) -> float:
-    """Fold one measured decode of ``n`` rows into ``costs`` (in place); returns the relative change."""
+def update_cost(costs: dict[int, float], n: int, ms: float, rate: float = 0.1,
+                stats: dict[int, SizeStats] | None = None) -> float:
+    """Fold one measured decode of ``n`` rows into ``costs`` (in place), and into ``stats``: its
+    count, spread and time; returns the relative change of t(n)."""
     old = costs.get(n)
+    if stats is not None:
+        st = stats.setdefault(n, SizeStats())
+        if old is not None and st.n:  # the spread: the mean relative deviation, decayed once there are many
+            st.spread += max(rate, 1.0 / st.n) * (abs(ms - old) / max(old, 1e-9) - st.spread)
+        st.n += 1
+        st.at = time.time()
     if old is None:  # a size seen for the first time: it replaces the extrapolation
         costs[n] = ms
         return 1.0
@@ -178,6 +218,7 @@ class CostModel:
         self.target = target
         self.max_rows = max_rows
         self.table: dict[int, float] | None = None  # None: not loaded yet; {} while calibrating
+        self.stats: dict[int, SizeStats] = {}  # per size: timings, spread, last timed
         self.calibration: list[int] = []  # rows the next rounds verify to time t(k)
         self.overhead_ms = 0.0  # per-round work outside decodes and drafting (planning, accepting, ...)
         self.dirty = False
@@ -186,9 +227,10 @@ class CostModel:
         """Whether t(k) is known (cached, or calibrated); the first call loads the cache, or
         starts calibrating (the next rounds' sizes are then in ``calibration``)."""
         if self.table is None:
-            cached = load_costs(self.target)
+            self.stats = {}
+            cached = load_costs(self.target, self.stats)
             if cached is None:
-                self.table = {}
+                self.table, self.stats = {}, {}
                 self.calibration = [k for k in (1, *CALIBRATION_SIZES) if k <= self.max_rows]
                 return False
             self.table = cached
@@ -221,8 +263,10 @@ class CostModel:
         ms = 1000 * seconds
         if self.calibration:  # the quickest of the calibration rounds' timings: a first decode can be slow
             self.table[rows] = min(self.table.get(rows, ms), ms)
+            st = self.stats.setdefault(rows, SizeStats())
+            st.n, st.at = st.n + 1, time.time()
             return False
-        update_cost(self.table, rows, ms)
+        update_cost(self.table, rows, ms, stats=self.stats)
         self.dirty = True
         return True
 
@@ -240,5 +284,5 @@ class CostModel:
 
     def save(self) -> None:
         if self.dirty and self.table:
-            save_costs(self.target, self.table)
+            save_costs(self.target, self.table, self.stats)
         self.dirty = False

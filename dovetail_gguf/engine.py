@@ -39,6 +39,10 @@ from .types import (  # noqa: F401  (re-exported: the engine's vocabulary)
 
 log = logging.getLogger(__name__)
 
+# A draft model reads at most this many of a new prompt's last positions (the shipped drafts were
+# trained on 256-token windows); the rest of a long prompt is evaluated without outputs.
+DRAFT_WINDOW = 256
+
 
 class Generation:
     """One generation in progress: iterate for text pieces; ``result`` is set once it ends."""
@@ -123,6 +127,7 @@ class Engine:
         self._draft_source = DraftProposer()
         # target hidden state of every committed position, so a drafter can resume after prefix reuse
         self._hidden = np.zeros((self.target.n_ctx, self.target.n_embd), dtype=np.float32) if drafter else None
+        self._hidden_lo = 0  # _hidden holds the features of positions _hidden_lo .. n_past - 1
         self._fresh_drafter = drafter is not None  # nothing of the target's cache may be reused for it yet
         self._draft_len = 0  # pairs the drafter holds during a generation
         self._max_nodes: int | None = None  # exact mode: the largest tree computed like one-token decodes
@@ -169,15 +174,27 @@ class Engine:
         common = int(np.argmin(np.append(cached[: prompt.size] == prompt[: cached.size], False)))
         n_keep = min(common, prompt.size - 1)  # the last prompt token is always evaluated
         held = 0
+        out_lo = prompt.size  # new positions from here on are evaluated with outputs
         if self.drafter is not None:
             if self._fresh_drafter:  # its features of the cached prefix were never recorded
                 n_keep, self._fresh_drafter = 0, False
             held = self.drafter.trim(max(n_keep - 1, 0))
+            # a drafter that can skip reads a long prompt's last DRAFT_WINDOW features only: the rows
+            # before them need no outputs, so the prefill spends no LM head on them
+            window = max(0, prompt.size - 1 - DRAFT_WINDOW) if hasattr(self.drafter, "skip_to") else 0
+            out_lo = max(n_keep, window)
         t.truncate(n_keep)
-        if n_keep < prompt.size - 1:  # outputs (through the LM head) only where a drafter reads hidden states
-            _, hidden = t.prefill(prompt[n_keep:-1], outputs=self._hidden is not None)
-            if self._hidden is not None:
-                self._hidden[n_keep : prompt.size - 1] = hidden
+        if n_keep < min(out_lo, prompt.size - 1):  # outputs (through the LM head) only where a drafter reads them
+            t.prefill(prompt[n_keep : min(out_lo, prompt.size - 1)], outputs=False)
+        if out_lo < prompt.size - 1:
+            _, hidden = t.prefill(prompt[out_lo:-1], outputs=True)
+            self._hidden[out_lo : prompt.size - 1] = hidden
+        if self.drafter is not None:
+            # the features held now run, without a gap, from _hidden_lo to the prompt's end
+            if out_lo > n_keep or self._hidden_lo > n_keep:
+                self._hidden_lo = out_lo
+            if held < self._hidden_lo:
+                held = self.drafter.skip_to(self._hidden_lo)
         # the last prompt token alone, as a one-token decode: its logits are then the same whether
         # or not the rest of the prompt was cached (a batch row can differ from a single-row decode
         # in the last bits), so identical greedy requests give identical answers

@@ -48,7 +48,10 @@ class Drafter(Protocol):
     deterministic function of the drafter's state (its top-k, say), never
     sampled, because acceptance treats each child as a one-point draft (see
     accept.py). ``max_positions`` is how many committed pairs the drafter can
-    hold; past it the engine decodes plainly.
+    hold; past it the engine decodes plainly. A drafter may also offer
+    ``skip_to(n_pairs) -> int``: hold nothing and take pairs from ``n_pairs`` on
+    (a window of the context); the engine then computes a long prompt's
+    features only for its last positions (engine.DRAFT_WINDOW).
     """
 
     max_positions: int

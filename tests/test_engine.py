@@ -187,6 +187,31 @@ def test_an_accepted_path_off_the_batchs_first_path_is_re_evaluated(base):
     assert second.reevaluated_rows == second.accepted_tokens - second.rounds > 0
 
 
+def test_a_long_prompt_gives_the_draft_its_last_window_only(base, untrained, monkeypatch):
+    """The prefill computes outputs (and so the LM head) only for the positions the draft will read:
+    the prompt's last DRAFT_WINDOW; the draft skips the rest, and the output is still the target's."""
+    from dovetail_gguf.engine import DRAFT_WINDOW
+    from dovetail_gguf.target import Target
+
+    prompt = base.tokenize_prompt("The history of printing, from woodblocks to movable type. " * 60)[:700]
+    assert len(prompt) == 700
+    rows = []
+    real = Target.prefill
+    monkeypatch.setattr(Target, "prefill", lambda self, tokens, outputs=True: rows.append((len(tokens), outputs))
+                        or real(self, tokens, outputs))
+    untrained.target.reset()
+    r = untrained.generate_tokens(prompt, max_tokens=24)
+    assert sum(n for n, out in rows if out) == DRAFT_WINDOW and sum(n for n, _ in rows) == len(prompt) - 1
+    assert untrained.drafter.offset == len(prompt) - 1 - DRAFT_WINDOW
+    assert r.stats.draft_rounds >= r.stats.rounds - 1 >= 1  # the draft ran, on its window
+    assert r.tokens == base.generate_tokens(prompt, max_tokens=24).tokens
+    # the next turn keeps the cached prefix and the drafter's window: nothing is evaluated twice
+    rows.clear()
+    longer = prompt + r.tokens + base.tokenize_prompt(" And then?")[1:]
+    untrained.generate_tokens(longer, max_tokens=4)
+    assert sum(n for n, _ in rows) <= len(longer) - len(prompt)
+
+
 def test_stream_equals_final_text_with_multibyte_characters(untrained):
     prompt = "Write three emoji and the Chinese word for cat: 🐱"
     stream = untrained.stream(prompt, max_tokens=40)

@@ -48,8 +48,14 @@ def test_costs_are_timed_by_the_first_rounds_once_and_reused_by_a_later_engine(s
     """No decode is spent on timing: with nothing cached, the first rounds verify 1, 1, 2 and 4
     rows and are timed; a later engine with the same settings finds the figures cached."""
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
-    calls, decodes = [], []
+    from dovetail_gguf.llama_handles import LlamaContext
+
+    calls, decodes, llama_rows = [], [], []
     real_round, real_verify, real_one = Engine._calibration_round, Target.verify_tree, Target.decode_one
+    real_decode = LlamaContext.decode
+    # every llama_decode, whoever calls it (prefill, plain steps, trees, commit's re-evaluation)
+    monkeypatch.setattr(LlamaContext, "decode", lambda self, batch: llama_rows.append(batch.struct.n_tokens)
+                        or real_decode(self, batch))
     monkeypatch.setattr(Engine, "_calibration_round", lambda self, *a, **k: calls.append(1) or real_round(self, *a, **k))
     monkeypatch.setattr(Target, "verify_tree", lambda self, tokens, *a: decodes.append(len(tokens)) or real_verify(self, tokens, *a))
     monkeypatch.setattr(Target, "decode_one", lambda self, *a: decodes.append(1) or real_one(self, *a))
@@ -60,11 +66,16 @@ def test_costs_are_timed_by_the_first_rounds_once_and_reused_by_a_later_engine(s
         with Target(smollm2_path, TargetConfig(n_ctx=512, n_threads=threads)) as t:
             prompt = t.tokenize(COPY_PROMPT) if prompt is None else prompt
             decodes.clear()
+            llama_rows.clear()
             before = len(calls)
             result = run(Engine(t, None, adaptive=True, ngram=True), prompt, 16)  # room for the calibration sizes
             assert result.stats.n_tokens == 16
             # every decode but the prompt's last token (always a one-token decode) was a round that emitted tokens
             assert len(decodes) == result.stats.rounds + 1
+            # every row llama.cpp computed is accounted for: the prompt (its last token among the
+            # decodes), the rounds' rows, and commit's re-evaluations, which the statistics count
+            assert sum(llama_rows) == len(prompt) - 1 + sum(decodes) + result.stats.reevaluated_rows
+            assert sum(decodes) - 1 == result.stats.verified_rows
             if len(calls) > before:  # the calibration rounds' sizes, in order
                 assert decodes[1:5] == [1, 1, 2, 4]
             assert {1, 2, 4} <= set(engine_mod.load_costs(t) or {})
@@ -150,3 +161,27 @@ def test_two_processes_writing_the_cost_cache_keep_each_others_entries(tmp_path)
 
     keys = set(json.loads((tmp_path / "verify_costs.json").read_text()))
     assert keys == {f"{n}-{i}" for n in "abc" for i in range(40)}
+
+
+def test_the_cost_cache_keeps_counts_spread_and_ages_and_forgets_old_sizes(smol, tmp_path, monkeypatch):
+    import time
+
+    from dovetail_gguf.costs import CostModel, SizeStats, _write_entry, cost_key, load_costs, save_costs
+
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    now = time.time()
+    stats = {1: SizeStats(5, 0.02, now - 90 * 86400), 2: SizeStats(3, 0.1, now), 8: SizeStats(1, 0.0, now - 40 * 86400)}
+    save_costs(smol, {1: 40.0, 2: 45.0, 8: 90.0}, stats)
+    got: dict = {}
+    assert load_costs(smol, got) == {1: 40.0, 2: 45.0}  # t(8) not timed for 40 days: gone; t(1) always kept
+    assert (got[2].n, got[2].spread) == (3, 0.1) and got[2].at == pytest.approx(now, abs=1)
+    _write_entry(cost_key(smol), {"1": 40.0, "4": 60.0})  # a cache from before counts and ages
+    assert load_costs(smol) == {1: 40.0, 4: 60.0}
+    model = CostModel(smol, 64)
+    assert model.ready()
+    for seconds in (0.050, 0.070, 0.060):  # three more timings of t(4): counted, spread measured
+        model.record(4, seconds)
+    assert model.stats[4].n == 4 and 0.05 < model.stats[4].spread < 0.3 and model.table[4] > 60.0
+    model.save()
+    again: dict = {}
+    assert load_costs(smol, again)[4] == pytest.approx(model.table[4], abs=1e-3) and again[4].n == 4

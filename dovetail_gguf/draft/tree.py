@@ -96,6 +96,7 @@ class TreeDrafter:
         # pairs it can hold: tree nodes sit up to MAX_TREE_DEPTH positions past the last pair, inside the RoPE table
         self.max_positions = max(0, min(max_positions, model.cfg.max_positions - 1 - MAX_TREE_DEPTH))
         self.cache = DraftKVCache(model.cfg, self.max_positions + self.max_tree_slots, device, self.dtype)
+        self.offset = 0  # pairs skipped before the cache's first row (see skip_to)
         self._pin = device.type == "cuda"
         self.step_ms = 0.0  # measured by warm_up()
 
@@ -115,8 +116,21 @@ class TreeDrafter:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
     def trim(self, n_pairs: int) -> int:
-        self.cache.trim(min(n_pairs, self.cache.length))
-        return self.cache.length
+        keep = n_pairs - self.offset
+        if keep < 0:
+            self.cache.trim(0)
+            self.offset = 0
+        else:
+            self.cache.trim(min(keep, self.cache.length))
+        return self.offset + self.cache.length
+
+    def skip_to(self, n_pairs: int) -> int:
+        """Hold nothing, and take the next pairs from position ``n_pairs`` on: the draft then attends
+        to a window of the context (the engine skips most of a long prompt's features, so its prefill
+        needs no outputs, and no LM head, for them)."""
+        self.cache.trim(0)
+        self.offset = n_pairs
+        return n_pairs
 
     def _to_device(self, features: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -129,8 +143,8 @@ class TreeDrafter:
         """Commit the new pairs (``features`` [m, d], ``tokens`` [m], the last one the root) and draft a tree."""
         model, cache, dev = self.model, self.cache, self.device
         m = int(tokens.shape[0])
-        start = cache.length
-        if start + m > self.max_positions:
+        start, off = cache.length, self.offset
+        if off + start + m > self.max_positions:
             raise ContextFullError(f"the draft holds at most {self.max_positions} positions; decode plainly past them")
         if tree.depth > MAX_TREE_DEPTH:
             raise InvalidArgumentError(f"tree depth {tree.depth} exceeds {MAX_TREE_DEPTH}")
@@ -139,7 +153,7 @@ class TreeDrafter:
         cache.set_used(start + m)
         mask = torch.arange(start + m, device=dev)[None, :] <= rows[:, None]  # [m, start + m] causal
         out = model(self._to_device(features)[None], torch.from_numpy(tokens.astype(np.int64)).to(dev)[None],
-                    (rows + 1)[None], mask, cache, rows)  # [1, m, d]
+                    (off + rows + 1)[None], mask, cache, rows)  # [1, m, d]
         cache.length = committed = start + m
         # 2. expand the best k frontier nodes level by level; the pool keeps every candidate
         k = min(tree.topk, model.cfg.head_vocab)
@@ -156,7 +170,7 @@ class TreeDrafter:
             anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev)], dim=1)  # [k, n_slots + k]
             cache.set_used(committed + n_slots + k)
             mask = torch.cat([torch.ones(k, committed, dtype=torch.bool, device=dev), anc], dim=1)  # [k, used]
-            positions = torch.full((1, k), committed + depth, device=dev)  # the root sits at position `committed`
+            positions = torch.full((1, k), off + committed + depth, device=dev)  # the root sits at `off + committed`
             feats = model(frontier_feat[None], model.d2t[pool.tokens[frontier]][None], positions, mask, cache, slots)[0]
             logp = torch.log_softmax(model.logits(feats).float(), dim=-1)  # [k, V']
             child_p, child_i = logp.topk(k, dim=-1)  # [k, k]
