@@ -19,6 +19,7 @@ from dovetail_gguf import Dovetail
 from dovetail_gguf.errors import DovetailError
 from dovetail_gguf.server import create_app
 from dovetail_gguf.target import TargetConfig
+from dovetail_gguf.types import TreeConfig
 
 KEY = "load-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -52,7 +53,10 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def dt(smollm2_path):
-    d = Dovetail(smollm2_path, False, target_config=TargetConfig(n_ctx=1024, n_threads=2))
+    # speculation under load: the shipped draft with a fixed tree, so every round drafts and verifies
+    d = Dovetail(smollm2_path, None, tree=TreeConfig(8, 4, 4), adaptive=False,
+                 target_config=TargetConfig(n_ctx=1024, n_threads=2))
+    assert d.drafter is not None
     yield d
     d.close()
 
@@ -91,16 +95,23 @@ async def ask(client: httpx.AsyncClient, base: str, body: dict) -> tuple[int, st
         return 200, "".join(parts)
 
 
+def metric(base: str, name: str) -> float:
+    text = httpx.get(base + "/metrics", headers=HEADERS).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
 def test_two_hundred_concurrent_clients_get_answers_or_429(live):
-    prompts = [f"Write the number {i} in words:" for i in range(10)]
+    prompts = [f"Count from {i} to {i + 9}: {i}, {i + 1}," for i in range(10)]
     with httpx.Client(timeout=60) as c:
-        expected = {p: c.post(live.base + "/v1/completions", json=completion(p), headers=HEADERS).json()["choices"][0]["text"]
+        expected = {p: c.post(live.base + "/v1/completions", json=completion(p, 16), headers=HEADERS).json()["choices"][0]["text"]
                     for p in prompts}
+    rounds, accepted = metric(live.base, "dovetail_rounds_total"), metric(live.base, "dovetail_accepted_tokens_total")
 
     async def run():
         limits = httpx.Limits(max_connections=250, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-            bodies = [completion(prompts[i % 10], stream=i % 2 == 1) for i in range(200)]
+            bodies = [completion(prompts[i % 10], 16, stream=i % 2 == 1) for i in range(200)]
             t0 = time.perf_counter()
             results = await asyncio.wait_for(asyncio.gather(*(ask(client, live.base, b) for b in bodies)), timeout=300)
             return bodies, results, time.perf_counter() - t0
@@ -114,6 +125,10 @@ def test_two_hundred_concurrent_clients_get_answers_or_429(live):
             assert text == expected[body["prompt"]]  # greedy: every answer is the prompt's own
     health = httpx.get(live.base + "/health").json()
     assert health["queue_depth"] == 0 and health["busy"] is False
+    # the answers came from speculation: rounds emitted more than one token on average
+    rounds, accepted = metric(live.base, "dovetail_rounds_total") - rounds, metric(
+        live.base, "dovetail_accepted_tokens_total") - accepted
+    assert rounds > 0 and accepted > 1.2 * rounds, (rounds, accepted)
 
 
 def test_429_carries_retry_after_and_openai_shape(live, dt, monkeypatch):
