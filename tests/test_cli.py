@@ -131,3 +131,24 @@ def test_short_flags_reach_the_same_parameters(command):
         assert params["default_max_tokens"] == 33
     if command == "generate":
         assert params["prompt_option"] == "hi"
+
+
+def test_structured_output_and_the_sampling_set_from_the_command_line(tmp_path):
+    grammar = tmp_path / "yesno.gbnf"
+    grammar.write_text('root ::= ("yes" | "no") "."\n')
+    r = dovetail("generate", "Is the sky blue? Answer:", "--grammar", str(grammar), "--max-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] in ("yes.", "no.")
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": false}'
+    r = dovetail("generate", "A number as JSON:", "--json-schema", schema, "--max-tokens", "24", "--json",
+                 "--logprobs", "2", "--temperature", "0.7", "--min-p", "0.05", "--frequency-penalty", "0.5",
+                 "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert isinstance(json.loads(out["text"])["n"], int)
+    assert len(out["logprobs"]) == len(out["tokens"]) and all(len(e["top"]) == 2 for e in out["logprobs"])
+    for args, message in ((["--logit-bias", "5"], "TOKEN=BIAS"), (["--grammar", str(tmp_path / "none.gbnf")], "cannot read"),
+                          (["--logprobs", "2"], "--json"), (["--min-p", "2"], "min_p"),
+                          (["--grammar", str(grammar), "--json-schema", "{}"], "not both")):
+        r = dovetail("generate", "x", "--max-tokens", "2", *args)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

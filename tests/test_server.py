@@ -323,3 +323,15 @@ def test_cors_only_for_the_origins_given(server):
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
         r = httpx.options(bare + "/v1/chat/completions", headers=preflight)
         assert "access-control-allow-origin" not in r.headers
+
+
+def test_completion_logprobs_in_openais_shape(client):
+    r = client.completions.create(model="x", prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    for tok, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 2 and logprob <= 0 and max(top.values()) == pytest.approx(logprob)  # greedy: the likeliest
+    plain = client.completions.create(model="x", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == r.choices[0].text

@@ -208,3 +208,17 @@ def test_server_refuses_what_it_cannot_honour(client):
     with pytest.raises(openai.BadRequestError, match="get_time"):
         client.chat.completions.create(model="x", messages=ASK_WEATHER, tools=[WEATHER], max_tokens=8,
                                        tool_choice={"type": "function", "function": {"name": "get_time"}})
+
+
+def test_tool_calls_are_parsed_out_of_an_answer():
+    from dovetail_gguf.structured import parse_tool_calls
+
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me check." and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})]
+    two = ('<tool_call>{"name": "a", "arguments": "{\\"x\\": 1}"}</tool_call>'
+           '<tool_call>{"name": "b", "arguments": {}}</tool_call>')
+    assert [(c.name, c.arguments) for c in parse_tool_calls(two)[1]] == [("a", '{"x": 1}'), ("b", "{}")]
+    for plain in ("No tools needed.", "<tool_call>not json</tool_call>", '<tool_call>{"arguments": {}}</tool_call>'):
+        assert parse_tool_calls(plain) == (plain, [])
