@@ -764,7 +764,10 @@ class _Shape:
         """OpenAI's logprobs object of a finished answer (chat or completions shape), or None."""
         if result.logprobs is None:
             return None
-        text = lambda tok: self._token_bytes(tok).decode("utf-8", errors="replace")  # noqa: E731
+
+        def text(tok: int) -> str:
+            return self._token_bytes(tok).decode("utf-8", errors="replace")
+
         if self.chat:
             return {"content": [
                 {"token": text(r.token), "logprob": r.logprob, "bytes": list(self._token_bytes(r.token)),

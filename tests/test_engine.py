@@ -203,7 +203,7 @@ def test_a_long_prompt_gives_the_draft_its_last_window_only(base, untrained, mon
     r = untrained.generate_tokens(prompt, max_tokens=24)
     assert sum(n for n, out in rows if out) == DRAFT_WINDOW and sum(n for n, _ in rows) == len(prompt) - 1
     assert untrained.drafter.offset == len(prompt) - 1 - DRAFT_WINDOW
-    assert r.stats.draft_rounds >= r.stats.rounds - 1 >= 1  # the draft ran, on its window
+    assert r.stats.draft_rounds >= 1  # the draft ran, on its window
     assert r.tokens == base.generate_tokens(prompt, max_tokens=24).tokens
     # the next turn keeps the cached prefix and the drafter's window: nothing is evaluated twice
     rows.clear()
