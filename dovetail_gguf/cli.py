@@ -107,8 +107,10 @@ def sampling_options(f):
                      help="Penalise tokens of the last --repeat-last-n (1 = off).")(f)
     f = click.option("--repeat-last-n", type=click.IntRange(min=-1), default=64, show_default=True,
                      help="Recent tokens the penalties look at (0 = none, -1 = the whole context).")(f)
-    f = click.option("--presence-penalty", type=float, default=0.0, show_default=True)(f)
-    f = click.option("--frequency-penalty", type=float, default=0.0, show_default=True)(f)
+    f = click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+                     help="Subtracted once from the logit of every token of the last --repeat-last-n (-2..2).")(f)
+    f = click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+                     help="Subtracted from a recent token's logit once per occurrence (-2..2).")(f)
     f = click.option("--logit-bias", multiple=True, metavar="TOKEN=BIAS",
                      help="Add BIAS (-100..100) to token id TOKEN's logit (repeatable); -100 keeps it out.")(f)
     f = click.option("--seed", type=int, default=None, help="Random seed for sampling (negative: a random seed).")(f)
