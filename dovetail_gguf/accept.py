@@ -316,7 +316,8 @@ class Sampler:
         try:
             for i in range(1, tokens.shape[0]):
                 parent = int(parents[i])
-                if not keep[parent] or not states[parent].allows(int(tokens[i])):
+                # below a refused node, or below an end (never verified further): refused
+                if parent not in states or not states[parent].allows(int(tokens[i])):
                     keep[i] = False
                     continue
                 if self._is_eog(int(tokens[i])):

@@ -222,3 +222,21 @@ def test_tool_calls_are_parsed_out_of_an_answer():
     assert [(c.name, c.arguments) for c in parse_tool_calls(two)[1]] == [("a", '{"x": 1}'), ("b", "{}")]
     for plain in ("No tools needed.", "<tool_call>not json</tool_call>", '<tool_call>{"arguments": {}}</tool_call>'):
         assert parse_tool_calls(plain) == (plain, [])
+
+
+def test_pruning_follows_each_path_and_stops_below_an_end(target):
+    """Nodes the grammar refuses after their own ancestors go, with everything below them; so does
+    whatever a source proposed past an end-of-generation token."""
+    from dovetail_gguf.accept import Sampler, SamplingParams
+    from dovetail_gguf.llama_handles import GrammarState
+
+    tok = {s: int(target.tokenize(s, add_special=False)[0]) for s in ("a", "b")}
+    eos = target.facts.eos_token_id
+    assert len({tok["a"], tok["b"], eos}) == 3 and target.is_eog(eos)
+    sampler = Sampler(SamplingParams(), is_eog=target.is_eog, grammar=GrammarState(target.vocab, 'root ::= "a"* "b"?'))
+    # root -> a -> b -> a (refused after b);  root -> b -> b (refused);  root -> EOS (allowed: "" matches) -> a
+    tokens = np.array([0, tok["a"], tok["b"], tok["a"], tok["b"], tok["b"], eos, tok["a"]], np.int32)
+    parents = np.array([-1, 0, 1, 2, 0, 4, 0, 6], np.int32)
+    keep = sampler.prune(tokens, parents)
+    sampler.close()
+    assert keep.tolist() == [True, True, True, False, True, False, True, False]
