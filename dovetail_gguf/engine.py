@@ -20,11 +20,11 @@ import numpy as np
 from .accept import Sampler, accept_greedy
 from .costs import CostModel, load_costs, load_exact_rows, probe_exact_rows, save_costs, save_exact_rows  # noqa: F401
 from .errors import ContextFullError, InvalidArgumentError
+from .llama_handles import GrammarState
 from .plan import (DRAFT, PREDICTION, Proposal, RoundPlan, likeliest_path, merge, plan_round, restrict, tested_nodes,
                    tree_depths)
 from .policy import TreePolicy
 from .proposers import CONTEXT_PRIOR, AcceptanceModel, DraftProposer, SuffixProposer, prediction_proposer
-from .llama_handles import GrammarState
 from .suffix import SuffixIndex
 from .target import Target
 from .text import Detokenizer, StopMatcher

@@ -335,3 +335,12 @@ def test_completion_logprobs_in_openais_shape(client):
         assert len(top) <= 2 and logprob <= 0 and max(top.values()) == pytest.approx(logprob)  # greedy: the likeliest
     plain = client.completions.create(model="x", prompt="The capital of France is", max_tokens=6, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].text == r.choices[0].text
+
+
+@pytest.mark.parametrize("extra", [{"logit_bias": {"999999": 5}}, {"grammar": "root ::= missing-rule"},
+                                   {"logit_bias": {"5": 150}}, {"min_p": 2}, {"top_logprobs": 2}])
+def test_bad_sampling_and_structure_fields_are_a_400_before_any_stream(server, extra):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True, **extra}
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"]
