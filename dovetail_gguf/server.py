@@ -31,7 +31,7 @@ from .api import Dovetail
 from .errors import DovetailError, InvalidArgumentError
 from .openai_shapes import (ChatRequest, CompletionRequest, DetokenizeRequest, ResponseShape, SamplingRequest,
                             TokenizeRequest, error_body)
-from .structured import tool_call_grammar
+from .structured import could_be_tool_call, tool_call_grammar
 
 log = logging.getLogger(__name__)
 
@@ -436,12 +436,16 @@ async def _events(worker: EngineWorker, job: Job, shape: ResponseShape) -> Async
     """Server-sent events: chunks, a final chunk with finish_reason, a usage chunk if the request asked for
     one (stream_options.include_usage), then [DONE]; or an error event."""
     first = True
+    held = ""  # with tools: the answer's start, held back while it may still be a tool call
     try:
         while True:
             kind, value = await job.events.get()
             if kind == "piece":
-                if shape.tools:  # tool calls are parsed from the whole answer: it comes in the last chunk
-                    continue
+                if shape.tools:
+                    held += value
+                    if could_be_tool_call(held):  # parsed from the whole answer, sent in the last chunk
+                        continue
+                    shape.tools, value, held = False, held, ""  # plain text: streamed from here on
                 yield "data: " + json.dumps(shape.chunk(value, None, first)) + "\n\n"
                 first = False
             elif kind == "done":

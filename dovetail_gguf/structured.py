@@ -51,6 +51,7 @@ def _dumps(value: Any) -> str:
 # ---------------------------------------------------------------------- tool calls
 # Hermes-style tool calls, as Qwen2.5's template asks for them:
 #   <tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>
+_OPEN = "<tool_call>"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -75,6 +76,12 @@ def tool_call_grammar(tools: Sequence[Mapping], name: str | None = None) -> str:
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     body = re.sub(r"^root ::=", "tool-call ::=", json_schema_grammar(schema), count=1, flags=re.MULTILINE)
     return body + '\nroot ::= "<tool_call>\\n" tool-call "\\n</tool_call>"\n'
+
+
+def could_be_tool_call(text: str) -> bool:
+    """Whether an answer that starts with ``text`` may still be a tool call (a stream holds it back)."""
+    head = text.lstrip()
+    return head.startswith(_OPEN) or _OPEN.startswith(head)
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:

@@ -240,3 +240,15 @@ def test_pruning_follows_each_path_and_stops_below_an_end(target):
     keep = sampler.prune(tokens, parents)
     sampler.close()
     assert keep.tolist() == [True, True, True, False, True, False, True, False]
+
+
+def test_server_streams_a_plain_answer_to_a_request_with_tools(client):
+    """Assistants send their tools with every request: an answer that is not a tool call streams as
+    it is generated (only a possible tool call's start is held back)."""
+    ask = [{"role": "user", "content": "Write a haiku about the sea. Do not call any tool."}]
+    whole = client.chat.completions.create(model="x", messages=ask, tools=[WEATHER], max_tokens=48, temperature=0)
+    assert whole.choices[0].message.tool_calls is None and whole.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model="x", messages=ask, tools=[WEATHER], max_tokens=48,
+                                                 temperature=0, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 5 and "".join(pieces) == whole.choices[0].message.content
