@@ -10,6 +10,7 @@ the whole rendered prompt, so there such text becomes real control tokens.)
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
@@ -112,6 +113,12 @@ def chat_tokens(vocab: "Vocab | Target", messages: Iterable[Message], tools: Seq
     eos = vocab.detokenize_special(facts.eos_token_id) if facts.eos_token_id is not None else ""
     if tools and not supports_tools(vocab.chat_template):
         raise InvalidArgumentError("this model's chat template has no tool support")
+    # tool definitions and earlier tool calls are rendered as template text (markers parsed): no marker text
+    rendered = [json.dumps(list(tools or []), ensure_ascii=False)] + [
+        json.dumps(m["tool_calls"], ensure_ascii=False, default=str) for m in msgs if m.get("tool_calls")]
+    if any(_has_special_text(vocab, text) for text in rendered):
+        raise InvalidArgumentError("tool definitions and tool calls may not contain special-token text such as "
+                                   f"{vocab.detokenize_special(facts.eos_token_id or 0)!r}")
     # a placeholder per non-empty content (templates test content for emptiness)
     marked = [{**m, "content": _SENTINEL.format(i) if m["content"] else ""} for i, m in enumerate(msgs)]
     text = render_chat(vocab.chat_template, marked, bos, eos, tools)
