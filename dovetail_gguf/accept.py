@@ -86,6 +86,13 @@ class SamplingParams:
             self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
 
     @property
+    def penalty_window(self) -> int:
+        """How many recent tokens the penalties see (0: no penalty applies)."""
+        if not self.penalized:
+            return 0
+        return 1 << 30 if self.repeat_last_n == -1 else self.repeat_last_n
+
+    @property
     def adjusts_logits(self) -> bool:
         return self.penalized or bool(self.logit_bias)
 
@@ -149,8 +156,8 @@ def _nucleus(v: np.ndarray, e: np.ndarray, total: float, top_p: float) -> np.nda
 
 def target_distribution(logits: np.ndarray, params: SamplingParams, recent: Sequence[int] = ()) -> np.ndarray:
     """The whole distribution the sampler draws from (for tests and tools; the sampler never builds it)."""
-    n = params.repeat_last_n
-    window = list(recent)[-n:] if n > 0 else (list(recent) if n == -1 else [])
+    n = params.penalty_window
+    window = list(recent)[-n:] if n else []
     x = adjust_logits(np.asarray(logits, dtype=np.float32), params, np.asarray(window, dtype=np.int64))
     p = np.zeros(x.shape[0])
     if params.greedy:
@@ -213,8 +220,7 @@ class Sampler:
                  grammar=None, logprobs: int | None = None):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
-        n = params.repeat_last_n
-        self._window = 0 if not params.penalized else (1 << 30 if n == -1 else n)
+        self._window = params.penalty_window
         self._recent: list[int] = list(history)[-self._window:] if self._window else []
         self._is_eog = is_eog or (lambda tok: False)
         self.grammar = grammar

@@ -200,8 +200,7 @@ class Stream:
 
     def __init__(self, owner: Dovetail, prompt_tokens: Sequence[int], options: GenerateOptions):
         owner.engine.check_prompt(prompt_tokens)  # fail now, not at the first piece
-        options.validate(owner.target.n_vocab)
-        owner.engine.check_grammar(options.grammar)
+        owner.engine.check_options(options)
         self.result: GenerationResult | None = None
         self._it = self._iterate(owner, prompt_tokens, options)
 

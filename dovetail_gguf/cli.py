@@ -280,12 +280,7 @@ def generate(prompt: str | None, prompt_option: str | None, chat: bool, as_json:
     prompt = prompt if prompt is not None else prompt_option
     if prompt == "-":  # bytes that are not UTF-8 become U+FFFD rather than a crash
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-    prediction = None
-    if prediction_file is not None:
-        try:
-            prediction = Path(prediction_file).read_bytes().decode("utf-8", errors="replace")
-        except OSError as e:
-            raise DovetailError(f"cannot read the prediction file {prediction_file}: {e.strerror or e}") from None
+    prediction = _read_text(prediction_file, "prediction") if prediction_file is not None else None
     dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
     skw = SamplingChoice.take(kw).kwargs()
     skw["prediction"] = prediction

@@ -110,6 +110,14 @@ class SizeStats:
     spread: float = 0.0
     at: float = 0.0  # unix time
 
+    def record(self, ms: float, mean: float | None = None, rate: float = 0.1) -> None:
+        """One more timing, now; with the ``mean`` it is compared with, the spread moves too (the
+        mean relative deviation while there are few timings, decayed at ``rate`` after)."""
+        if mean is not None and self.n:
+            self.spread += max(rate, 1.0 / self.n) * (abs(ms - mean) / max(mean, 1e-9) - self.spread)
+        self.n += 1
+        self.at = time.time()
+
 
 def load_costs(target, stats: dict[int, SizeStats] | None = None) -> dict[int, float] | None:
     """Cached t(k) in ms for this target and settings, or None. ``stats``, if given, is filled
@@ -145,10 +153,11 @@ def save_costs(target, costs: dict[int, float], stats: dict[int, SizeStats] | No
     (atomically; a cache that cannot be written is only logged)."""
     stats = stats or {}
     now = time.time()
-    _write_entry(cost_key(target), {
-        str(k): {"ms": round(v, 4), "n": stats.get(k, SizeStats(1)).n,
-                 "spread": round(stats.get(k, SizeStats()).spread, 4), "at": round(stats.get(k, SizeStats(at=now)).at, 1)}
-        for k, v in sorted(costs.items())})
+    entry = {}
+    for k, v in sorted(costs.items()):
+        st = stats.get(k) or SizeStats(1, 0.0, now)
+        entry[str(k)] = {"ms": round(v, 4), "n": st.n, "spread": round(st.spread, 4), "at": round(st.at, 1)}
+    _write_entry(cost_key(target), entry)
 
 
 def _write_entry(key: str, value) -> None:
@@ -188,11 +197,7 @@ def update_cost(costs: dict[int, float], n: int, ms: float, rate: float = 0.1,
     count, spread and time; returns the relative change of t(n)."""
     old = costs.get(n)
     if stats is not None:
-        st = stats.setdefault(n, SizeStats())
-        if old is not None and st.n:  # the spread: the mean relative deviation, decayed once there are many
-            st.spread += max(rate, 1.0 / st.n) * (abs(ms - old) / max(old, 1e-9) - st.spread)
-        st.n += 1
-        st.at = time.time()
+        stats.setdefault(n, SizeStats()).record(ms, old, rate)
     if old is None:  # a size seen for the first time: it replaces the extrapolation
         costs[n] = ms
         return 1.0
@@ -227,13 +232,13 @@ class CostModel:
         """Whether t(k) is known (cached, or calibrated); the first call loads the cache, or
         starts calibrating (the next rounds' sizes are then in ``calibration``)."""
         if self.table is None:
-            self.stats = {}
-            cached = load_costs(self.target, self.stats)
+            stats: dict[int, SizeStats] = {}
+            cached = load_costs(self.target, stats)
             if cached is None:
                 self.table, self.stats = {}, {}
                 self.calibration = [k for k in (1, *CALIBRATION_SIZES) if k <= self.max_rows]
                 return False
-            self.table = cached
+            self.table, self.stats = cached, stats
         return not self.calibration
 
     def verify_ms(self, rows):
@@ -263,8 +268,7 @@ class CostModel:
         ms = 1000 * seconds
         if self.calibration:  # the quickest of the calibration rounds' timings: a first decode can be slow
             self.table[rows] = min(self.table.get(rows, ms), ms)
-            st = self.stats.setdefault(rows, SizeStats())
-            st.n, st.at = st.n + 1, time.time()
+            self.stats.setdefault(rows, SizeStats()).record(ms)
             return False
         update_cost(self.table, rows, ms, stats=self.stats)
         self.dirty = True

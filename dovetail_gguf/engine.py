@@ -156,8 +156,7 @@ class Engine:
     def start(self, prompt_tokens, options: GenerateOptions | None = None) -> Generation:
         """Begin generating after ``prompt_tokens``; iterate the result for text pieces."""
         options = options or GenerateOptions()
-        options.validate(self.target.n_vocab)
-        self.check_grammar(options.grammar)
+        self.check_options(options)
         return Generation(self, self.check_prompt(prompt_tokens), options)
 
     # ------------------------------------------------------------------ phases
@@ -203,10 +202,12 @@ class Engine:
             self._hidden[prompt.size - 1] = hidden
         return logits.copy(), held
 
-    def check_grammar(self, gbnf: str | None) -> None:
-        """Raise InvalidArgumentError if llama.cpp cannot parse ``gbnf``."""
-        if gbnf is not None:
-            GrammarState(self.target.vocab, gbnf).close()
+    def check_options(self, options: GenerateOptions) -> None:
+        """Raise InvalidArgumentError for settings this target cannot honour: bad values, token ids
+        outside its vocabulary, a grammar llama.cpp cannot parse."""
+        options.validate(self.target.n_vocab)
+        if options.grammar is not None:
+            GrammarState(self.target.vocab, options.grammar).close()
 
     def _sampler(self, prompt: np.ndarray, options: GenerateOptions) -> Sampler:
         grammar = GrammarState(self.target.vocab, options.grammar) if options.grammar is not None else None

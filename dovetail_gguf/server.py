@@ -403,9 +403,8 @@ def _install_handlers(app: FastAPI) -> None:
 async def _respond(worker: EngineWorker, request: Request, req: SamplingRequest, tokens: list[int], opts: dict,
                    model_name: str, chat: bool, tools: bool = False) -> Any:
     worker.dt.engine.check_prompt(tokens)  # a prompt that cannot fit is a 400 now, not an event later
-    settings = worker.dt.options(**opts)  # so are bad sampling settings,
-    settings.validate(worker.dt.target.n_vocab)  # token ids outside the vocabulary
-    await run_in_threadpool(worker.dt.engine.check_grammar, settings.grammar)  # and a grammar llama.cpp refuses
+    # so are bad sampling settings, token ids outside the vocabulary and a grammar llama.cpp refuses
+    await run_in_threadpool(worker.dt.engine.check_options, worker.dt.options(**opts))
     job = Job(tokens, opts, asyncio.get_running_loop())
     worker.submit(job)  # QueueFullError -> 429
     shape = ResponseShape(model_name, chat, include_usage=bool(req.stream_options and req.stream_options.include_usage),
