@@ -31,12 +31,12 @@ def tree_parents(k: int, rng) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default=None, help="a GGUF path or a model name (default: the default target)")
-    ap.add_argument("--exact", action="store_true", help="exact mode: no repacked weight layouts")
+    ap.add_argument("--kernels", default="invariant", help="invariant or fast (dovetail_gguf.kernels)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--context", type=int, default=0, help="committed tokens before the trees (0: a short prompt)")
     args = ap.parse_args()
-    t = Target(resolve_target(args.target), TargetConfig(n_ctx=2048, n_threads=args.threads, exact=args.exact))
+    t = Target(resolve_target(args.target), TargetConfig(n_ctx=2048, n_threads=args.threads, kernels=args.kernels))
     rng = np.random.default_rng(0)
     prompt = t.tokenize("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
     if args.context:

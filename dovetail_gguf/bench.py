@@ -1,4 +1,5 @@
-"""``dovetail bench``: plain llama.cpp decoding vs prompt-lookup decoding vs Dovetail, in one run.
+"""``dovetail bench``: plain llama.cpp decoding vs prompt lookup, llama.cpp's own n-gram
+self-speculation and Dovetail, in one run.
 
 Systems run interleaved per prompt, in rotating order, so that drift of a
 shared machine hits all of them alike. Speedups are medians of per-prompt
@@ -22,14 +23,18 @@ import numpy as np
 from .costs import interpolate
 from .errors import InvalidArgumentError
 from .extras import require
+from .peer import PEER_MODES
 
 log = logging.getLogger(__name__)
 
 PLAIN, LOOKUP, NGRAM, DOVETAIL = "plain", "prompt-lookup", "ngram", "dovetail"
 PREDICTED = "dovetail-predicted"  # dovetail with the prompt's plain answer as its predicted output
-PLAIN_EXACT = "plain-exact"  # with --exact: plain decoding in exact mode, the reference for identical output
+PLAIN_FAST = "plain-fast"  # plain decoding with llama.cpp's own kernel choice (the cost of the invariant kernels)
+LLAMA_CPP = "llama-cpp-python"  # llama-cpp-python's own plain decoding (its high-level Llama class)
+PEER = "llama-server:"  # + a mode of peer.PEER_MODES: llama.cpp's server with its own n-gram self-speculation
 # prompt-lookup: llama-cpp-python's; ngram: this engine's, no draft model
-SYSTEMS = (PLAIN, LOOKUP, NGRAM, DOVETAIL, PREDICTED)
+SYSTEMS = (PLAIN, PLAIN_FAST, LLAMA_CPP, LOOKUP, *(PEER + m for m in PEER_MODES), NGRAM, DOVETAIL, PREDICTED)
+TEXT_SYSTEMS = frozenset(s for s in SYSTEMS if s in (LLAMA_CPP, LOOKUP) or s.startswith(PEER))  # compared by text
 REPLAY_MAX_ROWS = 64  # the replay bound's longest chain, root included
 
 
@@ -87,28 +92,29 @@ def machine_description(threads: int) -> dict:
     import llama_cpp
     import torch
 
-    from .llama_runtime import cpu_model
+    from .llama_runtime import cpu_kind, cpu_model
 
     cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "python": platform.python_version(),
+    return {"cpu": cpu, "cpu_kind": cpu_kind(), "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "python": platform.python_version(),
             "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__, "numpy": np.__version__,
             "platform": platform.platform()}
 
 
-class _LookupSystem:
-    """llama-cpp-python's own prompt-lookup decoding (high-level Llama class), timed like the others:
-    the prompt but its last token is evaluated first, outside the timing, as the others' prefill is."""
+class _LlamaSystem:
+    """llama-cpp-python's own decoding (high-level Llama class), plain or with its prompt lookup, timed
+    like the others: the prompt but its last token is evaluated first, outside the timing, as the
+    others' prefill is."""
 
-    def __init__(self, target_path: str, n_ctx: int, threads: int):
+    def __init__(self, target_path: str, n_ctx: int, threads: int, lookup: bool):
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         # logits_all=True: with a draft model Llama keeps every position's logits, but sizes that array
         # from this argument (left False, it holds n_batch rows, and a longer prompt fails to broadcast)
         self.llm = Llama(model_path=str(target_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), verbose=False, seed=0,
-                         logits_all=True)
+                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10) if lookup else None,
+                         verbose=False, seed=0, logits_all=lookup)
 
     def run(self, prompt_tokens: list[int], max_tokens: int) -> tuple[str, int, float]:
         self.llm.reset()
@@ -120,11 +126,11 @@ class _LookupSystem:
         return out["choices"][0]["text"], int(out["usage"]["completion_tokens"]), dt
 
 
-def _run_one(system: str, index: int, tokens, max_tokens: int, engines: dict, lookup, prediction=None) -> RunRecord:
+def _run_one(system: str, index: int, tokens, max_tokens: int, engines: dict, llamas: dict, prediction=None) -> RunRecord:
     """One system on one prompt, from an empty cache."""
-    if system == LOOKUP:
-        text, n, dt = lookup.run(tokens, max_tokens)
-        return RunRecord(LOOKUP, index, n, dt, text=text)
+    if system in llamas:
+        text, n, dt = llamas[system].run(tokens, max_tokens)
+        return RunRecord(system, index, n, dt, text=text)
     engine = engines[system]
     engine.target.reset()  # every system starts from an empty cache
     r = engine.generate_tokens(tokens, max_tokens=max_tokens, prediction=prediction if system == PREDICTED else None)
@@ -181,14 +187,15 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
               device: str = "auto", tree=None, n_ctx: int = 2048, systems=(PLAIN, LOOKUP, DOVETAIL),
               draft_dtype: str = "auto",
               progress: bool = True, adaptive: bool = True, chat: bool = False, ngram: bool | None = None,
-              exact: bool = False, repeats: int = 1) -> dict:
+              kernels: str = "invariant", repeats: int = 1) -> dict:
     """Run every system on every prompt, interleaved; returns the raw records and the summary.
 
     ``chat``: each prompt is sent as a user message, rendered with the model's chat template.
     ``ngram``: the suffix index as a source for the dovetail system (None: on, as the engine defaults).
-    ``exact``: the speculative systems run in exact mode (see TargetConfig.exact); plain decoding
-    stays in the fastest mode, the speed baseline, and a plain-exact run is added as the
-    reference their outputs must equal.
+    ``kernels``: the kernel setting of plain and the speculative systems (see dovetail_gguf.kernels);
+    plain-fast is plain decoding with llama.cpp's own choice. llama.cpp reads its switches once per
+    process, so every system here runs with the ones ``kernels`` sets (plain-fast and llama-cpp-python
+    too: in stock llama.cpp a lone row's attention would also split across threads past 512 cells).
     Every system gets the same prompt tokens and is timed from its first new token on
     (prefill excluded for all; the engine's one-time cost measurement is counted).
     ``repeats``: each system runs each prompt this many times, interleaved, and the fastest run
@@ -208,12 +215,12 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     if unknown or PLAIN not in systems:
         raise InvalidArgumentError(f"systems are {', '.join(SYSTEMS)} ({PLAIN} required); got {', '.join(systems)}")
     threads = threads or physical_cores()
-    tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads)
-    plain = Dovetail(target_path, False, target_config=tcfg)
+    tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads, kernels=kernels)
+    plain = Dovetail(target_path, False, target_config=tcfg)  # first: its kernel switches hold for the process
     engines = {PLAIN: plain}
-    if exact:
-        tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads, exact=True)
-        engines[PLAIN_EXACT] = Dovetail(target_path, False, target_config=tcfg)
+    if PLAIN_FAST in systems:
+        engines[PLAIN_FAST] = Dovetail(target_path, False, target_config=TargetConfig(
+            n_ctx=n_ctx, n_threads=threads, kernels="fast"))
     if DOVETAIL in systems or PREDICTED in systems:
         engines[DOVETAIL] = Dovetail(target_path, draft, device=device, draft_dtype=draft_dtype, tree=tree,
                                      target_config=tcfg, adaptive=adaptive, ngram=ngram)
@@ -227,9 +234,17 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     # prompt lookup keeps logits for every position of its context (n_ctx x n_vocab floats): a context
     # that holds the longest prompt, the answer and a draft, and no more
     lookup_ctx = -(-(max(len(t) for t in encoded) + max_tokens + 64) // 256) * 256
-    lookup = _LookupSystem(plain.target.path, lookup_ctx, threads) if LOOKUP in systems else None
+    llamas = {s: _LlamaSystem(plain.target.path, lookup_ctx, threads, lookup=s == LOOKUP)
+              for s in (LLAMA_CPP, LOOKUP) if s in systems}
+    peers = [s for s in systems if s.startswith(PEER)]
+    if peers:
+        from .peer import LlamaServerSystem, build_llama_server
+
+        binary = build_llama_server(progress=progress)
+        for s in peers:  # one server per mode, alive through the run (its hash pool learns as it goes)
+            llamas[s] = LlamaServerSystem(binary, plain.target.path, s.removeprefix(PEER), lookup_ctx, threads)
     records: list[RunRecord] = []
-    order = [s for s in SYSTEMS if s in systems] + ([PLAIN_EXACT] if exact else [])
+    order = [s for s in SYSTEMS if s in systems]
     bar = tqdm(total=len(prompts) * len(order) * repeats, disable=not progress, desc="bench", unit="run")
     for i, tokens in enumerate(encoded):
         rot = order[i % len(order):] + order[: i % len(order)]
@@ -240,7 +255,7 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         for _ in range(repeats):
             for system in rot:
                 prediction = fastest[PLAIN].tokens if PLAIN in fastest else None
-                record = _run_one(system, i, tokens, max_tokens, engines, lookup, prediction)
+                record = _run_one(system, i, tokens, max_tokens, engines, llamas, prediction)
                 times[system].append(record.seconds)
                 if system not in fastest or record.seconds < fastest[system].seconds:
                     fastest[system] = record
@@ -249,6 +264,8 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
             fastest[system].repeat_seconds = times[system]
             records.append(fastest[system])
     bar.close()
+    for system in peers:
+        llamas[system].close()
     verify_ms = next((e.engine._verify_ms for e in engines.values() if e.engine._verify_ms), None)
     replay = {}
     if verify_ms:  # what a policy that knew the accepted lengths would get from the suffix sources
@@ -264,13 +281,12 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         "max_tokens": max_tokens, "n_prompts": len(prompts), "chat": chat, "n_ctx": n_ctx, "repeats": repeats,
         "tree": vars(dovetail.engine.tree) if dovetail else None, "adaptive": adaptive,
         "draft_dtype": str(dovetail.drafter.dtype).removeprefix("torch.") if dovetail else None,
-        "verify_ms": verify_ms},
+        "verify_ms": verify_ms, "kernels": kernels, "kernel_env": plain.target.kernel_env,
+        "invariance": plain.target.invariance.describe() if plain.target.invariance else None},
         "replay_bound": {str(i): v for i, v in replay.items()},
         "records": [vars(r) for r in records],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}
-    report["settings"]["exact"] = exact
-    report["summary"] = summarize(records, reference={NGRAM: PLAIN_EXACT, DOVETAIL: PLAIN_EXACT, PREDICTED: PLAIN_EXACT}
-                                  if exact else None, verify_ms=verify_ms, replay=replay)
+    report["summary"] = summarize(records, verify_ms=verify_ms, replay=replay)
     return report
 
 
@@ -304,7 +320,7 @@ def roofline(verify_ms: dict[int, float], acceptance: list[float]) -> tuple[floa
 def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
               verify_ms: dict[int, float] | None = None, replay: dict | None = None) -> dict:
     """Per system: tokens/s, median per-prompt speedup over plain, τ, time split, identity with plain
-    (or with the system ``reference`` names for it, e.g. plain-exact for exact-mode systems).
+    (or with the system ``reference`` names for it).
 
     Speculative systems also get their acceptance by depth and, with the measured t(k) in
     ``verify_ms``: ``free_draft_speedup``, what their own rounds would give if drafting and
@@ -322,7 +338,7 @@ def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
         secs = sum(r.seconds for r in rs)
         ratios = [runs[i].tokens_per_second / base[i].tokens_per_second for i in runs if i in base and base[i].tokens_per_second > 0]
         rounds = sum(r.rounds for r in rs)
-        if system == LOOKUP:
+        if system in TEXT_SYSTEMS:
             identical = [runs[i].text == ref[i].text for i in runs if i in ref]
         else:
             identical = [runs[i].tokens == ref[i].tokens for i in runs if i in ref]
@@ -334,11 +350,11 @@ def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
             "other_seconds": secs - sum(r.draft_seconds + r.verify_seconds for r in rs) if rounds else None,
             "identical_to_plain": all(identical) if identical else None,
             "n_identical": int(sum(identical)),
-            "not_identical": [i for i in runs if i in ref and ((runs[i].text != ref[i].text) if system == LOOKUP
+            "not_identical": [i for i in runs if i in ref and ((runs[i].text != ref[i].text) if system in TEXT_SYSTEMS
                                                                else (runs[i].tokens != ref[i].tokens))],
             "identity_reference": (reference or {}).get(system, PLAIN),
         }
-        if rounds and system not in (PLAIN, PLAIN_EXACT):
+        if rounds and system not in (PLAIN, PLAIN_FAST):
             rows = sum(r.verified_rows for r in rs)
             accept = acceptance_by_depth(rs)
             extra = {"rows_per_round": rows / rounds, "acceptance_by_depth": accept}

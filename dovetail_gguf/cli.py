@@ -42,9 +42,10 @@ def main(verbose: int) -> None:
     The target model runs in llama.cpp and verifies, in one batched call, a tree
     of tokens that a small PyTorch draft model proposes. Output is lossless:
     greedy text is the target's argmax at every step and sampling keeps its
-    distribution. With --exact it is bit-identical to plain decoding in the same
-    mode at any context length; without, llama.cpp computes batched rows with
-    other kernels than lone ones and can flip near-ties of the top two logits.
+    distribution, and greedy output is bit-identical to plain decoding's
+    (--no-draft) at any context length: llama.cpp runs kernels that compute a
+    row the same in any batch, so a draft, a prediction or what the engine
+    learned never changes an answer.
     Requests that repeat their context (edits, quotes, a --prediction) get long
     verified chains from a suffix index over the prompt and the answer.
     """
@@ -62,11 +63,14 @@ def target_options(f):
     f = click.option("-c", "--ctx-size", "ctx_size", type=click.IntRange(min=16), default=4096, show_default=True, help="Target context length in tokens.")(f)
     f = click.option("-ngl", "--target-gpu-layers", "gpu_layers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Target layers to offload to a GPU (needs llama-cpp-python built with CUDA).")(f)
-    f = click.option("--exact", is_flag=True,
-                     help="Exact mode: no repacked weight layouts, and one-token decodes computed as tree rows "
-                          "are, so greedy output is bit-identical to plain decoding in the same mode at any "
-                          "context length. Default: the fastest kernels, lossless up to kernel rounding (a "
-                          "near-tie of the top two logits can flip).")(f)
+    f = click.option("--kernels", type=click.Choice(["invariant", "fast"]), default="invariant", show_default=True,
+                     help="invariant: a row's logits are the same in any batch, so greedy output equals "
+                          "--no-draft's and the same request gets the same answer. fast: llama.cpp's own "
+                          "kernel choice per batch size (repacked weights, split attention); a near-tie of the "
+                          "top two logits can then flip between runs. Measured trade-off: on an AMD EPYC with "
+                          "AVX2 fast is no faster (Qwen2.5-Coder-0.5B plain decoding 0.99x invariant's, 18/20 "
+                          "answers the same; docs/performance.md); on CPUs whose repacked kernels are faster "
+                          "(AMX) it may be.")(f)
     return f
 
 
@@ -130,16 +134,16 @@ class TargetChoice:
     threads: int | None
     ctx_size: int
     gpu_layers: int
-    exact: bool
+    kernels: str
 
     @classmethod
     def take(cls, kw: dict) -> "TargetChoice":
-        return cls(kw.pop("target"), kw.pop("threads"), kw.pop("ctx_size"), kw.pop("gpu_layers"), kw.pop("exact"))
+        return cls(kw.pop("target"), kw.pop("threads"), kw.pop("ctx_size"), kw.pop("gpu_layers"), kw.pop("kernels"))
 
     def config(self):
         from .target import TargetConfig
 
-        return TargetConfig(n_ctx=self.ctx_size, n_threads=self.threads, n_gpu_layers=self.gpu_layers, exact=self.exact)
+        return TargetConfig(n_ctx=self.ctx_size, n_threads=self.threads, n_gpu_layers=self.gpu_layers, kernels=self.kernels)
 
     def path(self) -> Path:
         from .models import resolve_target
@@ -239,7 +243,8 @@ def load_dovetail(target: TargetChoice, draft: DraftChoice):
 @main.command()
 @click.argument("gguf", type=click.Path(dir_okay=False))
 def info(gguf: str) -> None:
-    """Show what a GGUF file holds: architecture, size, quant types, shapes, chat template."""
+    """Show what a GGUF file holds (architecture, size, quant types, shapes, chat template) and what the
+    kernel probe found for it on this machine."""
     from .gguf_io import read_facts
 
     f = read_facts(gguf)
@@ -252,6 +257,13 @@ def info(gguf: str) -> None:
         ("tokenizer fingerprint", f.tokenizer_fingerprint), ("LM head", "tied to embedding" if f.tied_head else "separate"),
         ("chat template", "yes" if f.has_chat_template else "no"),
     ]
+    from .invariance import cached
+    from .llama_runtime import physical_cores
+
+    threads = physical_cores()
+    found = cached(f.path, threads)
+    rows.append(("kernels", f"{found.describe()} ({threads} threads)" if found else
+                 f"not probed here yet for {threads} threads (the first load probes them, once)"))
     for k, v in rows:
         click.echo(f"{k:>22}: {v}")
 
@@ -533,7 +545,11 @@ def train_draft_cmd(data_dirs, output, target, init_from, layers, fusion, draft_
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs of each system on each prompt, interleaved; the fastest counts (steadier medians on a busy machine).")
 @click.option("--systems", default="plain,prompt-lookup,ngram,dovetail", show_default=True,
-              help="Comma-separated systems to compare: plain (required), prompt-lookup (llama-cpp-python's), "
+              help="Comma-separated systems to compare: plain (required; with --kernels' setting), plain-fast "
+                   "(plain with --kernels fast), llama-cpp-python (its plain decoding), prompt-lookup (llama-cpp-python's), "
+                   "llama-server:ngram-mod, llama-server:ngram-map-k4v, llama-server:ngram-simple (llama.cpp's "
+                   "server with its own n-gram self-speculation, docs/speculative.md's settings; built once into "
+                   "the cache folder on first use, about 10 minutes, needs cmake), "
                    "ngram (this engine, suffix index only), dovetail, dovetail-predicted (dovetail given plain's "
                    "answer as its predicted output). Speculative systems are also compared with a replay bound: "
                    "a policy that knows how much of each round's candidates will be accepted.")
@@ -567,7 +583,8 @@ def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out,
     prompts = file_prompts(prompts_file, n_prompts) if prompts_file else humaneval_prompts(n_prompts)
     report = run_bench(prompts, target.path(), draft.draft, max_tokens=max_tokens, threads=target.threads,
                        device=draft.device, draft_dtype=draft.draft_dtype, tree=draft.tree(), n_ctx=target.ctx_size, systems=chosen,
-                       adaptive=not draft.fixed_tree, chat=chat, ngram=draft.ngram, exact=target.exact, repeats=repeats)
+                       adaptive=not draft.fixed_tree, chat=chat, ngram=draft.ngram, kernels=target.kernels, repeats=repeats)
+    report["settings"]["prompts"] = Path(prompts_file).name if prompts_file else "humaneval"
     click.echo(format_table(report["summary"]))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

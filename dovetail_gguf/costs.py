@@ -39,6 +39,7 @@ def cost_key(target) -> str:
         "cpu": cpu_model(), "cores": os.cpu_count(), "llama_cpp": build_id(),
         "file": str(Path(target.path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
         "threads": target.n_threads, "extra_buffers": target.extra_buffers, "gpu_layers": target.config.n_gpu_layers,
+        "kernels": target.kernels.name, "kernel_env": target.kernel_env,
     }, sort_keys=True)
 
 
@@ -54,47 +55,14 @@ def _read_all() -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
-def load_exact_rows(target) -> int | None:
-    """The cached result of :func:`probe_exact_rows` for this target and settings, or None."""
-    value = _read_all().get(cost_key(target) + "/exact_rows")
-    return value if isinstance(value, int) and value >= 1 else None
+def read_entry(key: str):
+    """The cached value under ``key`` (None if absent)."""
+    return _read_all().get(key)
 
 
-def save_exact_rows(target, rows: int) -> None:
-    _write_entry(cost_key(target) + "/exact_rows", int(rows))
-
-
-def probe_exact_rows(target, limit: int, sizes=(4, 8, 16, 32, 64)) -> int:
-    """The largest batch, in rows (at most ``limit``), found to compute every row bit for bit as a
-    one-token decode does.
-
-    llama.cpp may switch matrix kernels with the batch size (measured on an AVX2-only CPU: K-quant
-    weights, from 8 rows on), which changes the last bits. Chains of random tokens after the current
-    context are decoded both ways, size by size; at the first size that differs, the size just below
-    it is tried once. Leaves the cache as it was.
-    """
-    n_past = target.n_past
-    room = min(target.n_ctx, target.n_cells) - n_past
-    rng = np.random.default_rng(1)
-
-    def agrees(n: int) -> bool:
-        tokens = rng.integers(0, target.n_vocab, size=n).astype(np.int32)
-        single = []
-        for tok in tokens:
-            logits, _ = target.decode_one(int(tok))
-            single.append(logits.copy())
-        target.truncate(n_past)
-        res = target.verify_tree(tokens, np.arange(-1, n - 1))
-        same = bool((res.logits == np.stack(single)).all())
-        target.truncate(n_past)
-        return same
-
-    exact = 1
-    for n in (k for k in sizes if k <= min(limit, room)):
-        if not agrees(n):
-            return n - 1 if n - 1 > exact and agrees(n - 1) else exact
-        exact = n
-    return exact
+def write_entry(key: str, value) -> None:
+    """Cache ``value`` (JSON) under ``key``, next to the t(k) tables."""
+    _write_entry(key, value)
 
 
 IMPLAUSIBLE_BELOW_T1 = 0.8  # a cached t(k) under this fraction of t(1) marks an entry timed on a busy machine

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from .accept import Sampler, accept_greedy
-from .costs import CostModel, load_costs, load_exact_rows, probe_exact_rows, save_costs, save_exact_rows  # noqa: F401
+from .costs import CostModel, load_costs, save_costs  # noqa: F401
 from .errors import ContextFullError, InvalidArgumentError
 from .llama_handles import GrammarState
 from .plan import (DRAFT, PREDICTION, Proposal, RoundPlan, likeliest_path, merge, plan_round, restrict, tested_nodes,
@@ -130,7 +130,6 @@ class Engine:
         self._hidden_lo = 0  # _hidden holds the features of positions _hidden_lo .. n_past - 1
         self._fresh_drafter = drafter is not None  # nothing of the target's cache may be reused for it yet
         self._draft_len = 0  # pairs the drafter holds during a generation
-        self._max_nodes: int | None = None  # exact mode: the largest tree computed like one-token decodes
         self._device_stats = getattr(drafter, "peak_memory_bytes", None)
         # per generation: the context's suffix index, the prediction's proposer
         self._context: SuffixIndex | None = None
@@ -171,7 +170,9 @@ class Engine:
         t = self.target
         cached = t.committed_tokens
         common = int(np.argmin(np.append(cached[: prompt.size] == prompt[: cached.size], False)))
-        n_keep = min(common, prompt.size - 1)  # the last prompt token is always evaluated
+        # the last prompt token is always evaluated; with invariant kernels, the cached positions kept
+        # are those a cold prefill would compute alike (see Target.reusable_prefix)
+        n_keep = t.reusable_prefix(prompt.size, common)
         held = 0
         out_lo = prompt.size  # new positions from here on are evaluated with outputs
         if self.drafter is not None:
@@ -181,7 +182,7 @@ class Engine:
             # a drafter that can skip reads a long prompt's last DRAFT_WINDOW features only: the rows
             # before them need no outputs, so the prefill spends no LM head on them
             window = max(0, prompt.size - 1 - DRAFT_WINDOW) if hasattr(self.drafter, "skip_to") else 0
-            out_lo = max(n_keep, window)
+            out_lo = t.prefill_split(n_keep, max(n_keep, window), prompt.size - 1)
         t.truncate(n_keep)
         if n_keep < min(out_lo, prompt.size - 1):  # outputs (through the LM head) only where a drafter reads them
             t.prefill(prompt[n_keep : min(out_lo, prompt.size - 1)], outputs=False)
@@ -264,18 +265,6 @@ class Engine:
                 self.policy = self._make_policy()
         return pending
 
-    def _exact_rows(self) -> int:
-        """In exact mode: the largest tree whose rows the target computes as one-token decodes (cached)."""
-        t = self.target
-        limit = t.max_tree_nodes
-        rows = load_exact_rows(t)
-        if rows is None:
-            rows = probe_exact_rows(t, limit)
-            if min(t.n_ctx, t.n_cells) - t.n_past >= limit:  # a complete probe: keep it
-                save_exact_rows(t, rows)
-            log.info("exact mode: trees of up to %d rows match one-token decoding here", rows)
-        return max(1, min(rows, limit))
-
     def _make_policy(self) -> TreePolicy | None:
         if not self.costs.ready():
             return None
@@ -334,8 +323,6 @@ class Engine:
             logits, self._draft_len = self._prefill(prompt)  # pairs the drafter holds
             stats.prefill_seconds = time.perf_counter() - t0
             self._start_sources(prompt, prediction)
-            if self.target.config.exact and self._max_nodes is None:
-                self._max_nodes = self._exact_rows()
             if self.adaptive and self.drafter is not None and self.policy is None:
                 self.policy = self._make_policy()  # None until t(k) is known (cached, or timed by the first rounds)
             elif self.adaptive and self._sources:
@@ -482,7 +469,7 @@ class Engine:
 
     def _node_limit(self) -> int:
         """Most nodes (root included) one verification may hold."""
-        return self._max_nodes or self.target.max_tree_nodes
+        return self.target.max_tree_nodes
 
     @staticmethod
     def _fit_tree(tree: TreeConfig, room: int, free_cells: int) -> TreeConfig:

@@ -86,6 +86,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_kind() -> str:
+    """The CPU's vendor and widest matrix/vector extension llama.cpp uses, as in "AMD EPYC, AVX2":
+    the machine kind performance figures are reported by."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    model = cpu_model()
+    vendor = next((v for v in ("EPYC", "Xeon", "Ryzen", "Core") if v in model), model)
+    vendor = {"EPYC": "AMD EPYC", "Ryzen": "AMD Ryzen", "Xeon": "Intel Xeon", "Core": "Intel Core"}.get(vendor, vendor)
+    ext = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                        ("asimd", "NEON")) if flag in flags), "no SIMD")
+    return f"{vendor}, {ext}"
+
+
 @lru_cache(maxsize=None)
 def build_id() -> str:
     """llama-cpp-python's version and its shared libraries' sizes and times: changes with every rebuild."""

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import ContextFullError, InvalidArgumentError, LlamaCallError
 from .gguf_io import ModelFacts, read_facts
+from .kernels import DEFAULT_KERNELS, TILE_ROWS, KernelMode, apply_environment, kernel_mode, llama_cpp_patched
 from .llama_handles import Batch, LlamaContext, LlamaModel, Vocab
 from .llama_runtime import extra_buffers_safe, init_backend, physical_cores
 
@@ -39,16 +40,18 @@ class TargetConfig:
     n_threads: int | None = None  # None: the number of physical cores
     n_gpu_layers: int = 0  # layers offloaded to a GPU (needs a GPU build of llama.cpp)
     n_batch: int = 512  # rows per llama_decode call (prefill chunk)
-    n_ubatch: int = 512  # rows per compute step; trees stay below 64 rows for bit-stable kernels
+    n_ubatch: int = 512  # rows per compute step
     max_tree_nodes: int = 64
     max_tree_paths: int = 64  # leaves per tree; llama.cpp allows 255
-    use_extra_buffers: bool | None = None  # None: automatic (off only where AMX kernels crash)
-    # exact: no repacked weight layouts, and one-token decodes evaluated with a throw-away second row
-    # (see decode_one), so a tree row is computed exactly as a plain step and greedy output is
-    # bit-identical to plain decoding with the same setting, at any context length.
-    # Off (fast): the fastest kernels; a batch row can then differ from a one-token decode in the last
-    # bits, which flips the argmax only at near-ties of the top two logits.
-    exact: bool = False
+    use_extra_buffers: bool | None = None  # None: automatic (off for invariant kernels, and where AMX kernels crash)
+    # which llama.cpp kernels rows may run (dovetail_gguf.kernels): "invariant" computes a row bit for
+    # bit the same in any batch, so speculation, predictions and the engine's learned state never
+    # change an answer; "fast" lets llama.cpp pick per batch size, which flips near-ties
+    kernels: str = DEFAULT_KERNELS
+
+    @property
+    def kernel_mode(self) -> KernelMode:
+        return kernel_mode(self.kernels)
 
     def validate(self) -> None:
         if self.n_ctx < 16:
@@ -66,6 +69,7 @@ class TargetConfig:
             raise InvalidArgumentError("n_ubatch must be positive and n_ctx at most 16M")
         if self.n_gpu_layers < 0:
             raise InvalidArgumentError("n_gpu_layers must be >= 0")
+        self.kernel_mode  # raises for an unknown setting
 
 
 @dataclass(frozen=True)
@@ -154,10 +158,14 @@ class Target:
         config.validate()
         self.facts: ModelFacts = read_facts(path)  # validates the file before llama.cpp sees it
         self.path = Path(self.facts.path)
+        self.kernels = mode = config.kernel_mode
+        self.kernel_env = apply_environment(mode)  # before llama.cpp's first matmul in this process
         init_backend()
         self._model = self._ctx = None
-        use_extra = False if config.exact else config.use_extra_buffers
-        if use_extra is None:
+        use_extra = config.use_extra_buffers
+        if mode.invariant:
+            use_extra = False  # repacked layouts compute a row by its place in a block of 4
+        elif use_extra is None:
             use_extra = extra_buffers_safe(str(self.path))
         self._model = LlamaModel(self.facts, config.n_gpu_layers, use_extra)
         self.extra_buffers = self._model.extra_buffers
@@ -170,9 +178,17 @@ class Target:
         # the user's n_ctx still bounds what is generated.
         n_cells = max(config.n_ctx, 256)
         n_batch = min(config.n_batch, n_cells)
-        self.max_tree_nodes = min(config.max_tree_nodes, n_batch)
+        self.n_ubatch = min(config.n_ubatch, n_batch)
+        self.max_tree_nodes = min(config.max_tree_nodes, n_batch, self.n_ubatch)  # a tree is one compute step
+        if mode.invariant:
+            self.max_tree_nodes = min(self.max_tree_nodes, TILE_ROWS - 1)  # below the tiled kernels
+        # invariant kernels (set from the probe by dovetail_gguf.invariance.apply): whether a one-token
+        # decode carries a throw-away row, and whether prompt batches may run the tiled kernels
+        self.pair_single = mode.invariant and not llama_cpp_patched()
+        self.tiled_prefill = mode.invariant
+        self.invariance = None  # the probe's findings (dovetail_gguf.invariance.Invariance)
         try:
-            self._ctx = LlamaContext(self._model, n_cells, n_batch, min(config.n_ubatch, n_batch), self.n_seq_max,
+            self._ctx = LlamaContext(self._model, n_cells, n_batch, self.n_ubatch, self.n_seq_max,
                                      self.n_threads, unified_kv=True)  # trees share one cell pool
         except LlamaCallError:
             self.close()
@@ -184,13 +200,23 @@ class Target:
         self.can_shift = self._ctx.can_shift
         self._batch = Batch(n_batch, self.n_seq_max)
         self._history = np.zeros(self.n_ctx, dtype=np.int32)  # committed tokens, in cache order
+        # 1 where a position was computed in a batch of TILE_ROWS+ rows (the tiled kernels), else 0
+        self._row_class = np.zeros(self.n_ctx, dtype=np.uint8)
         self.n_past = 0
         self._pending: TreeLayout | None = None
         log.info(
-            "target %s: %s, n_embd %d, %d layers, vocab %d, n_ctx %d, %d threads",
+            "target %s: %s, n_embd %d, %d layers, vocab %d, n_ctx %d, %d threads, %s kernels",
             self.path.name, self.facts.architecture, self.n_embd, self.facts.n_layer,
-            self.n_vocab, self.n_ctx, self.n_threads,
+            self.n_vocab, self.n_ctx, self.n_threads, mode.name,
         )
+        if mode.invariant:
+            from .invariance import apply, load_or_probe
+
+            try:
+                apply(self, load_or_probe(self))
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -281,6 +307,7 @@ class Target:
         self._ctx.seq_rm(0, lo, hi)
         self._ctx.seq_add(0, hi, self.n_past, -n_discard)
         self._history[lo : self.n_past - n_discard] = self._history[hi : self.n_past]
+        self._row_class[lo : self.n_past - n_discard] = self._row_class[hi : self.n_past]
         self.n_past -= n_discard
 
     @property
@@ -340,15 +367,17 @@ class Target:
         self._check_tokens(tokens)
         self._check_room(tokens.size)
         self._drop_pending()
+        if tokens.size == 1 and self.pair_single:  # a lone row would run other kernels
+            logits, hidden = self.decode_one(int(tokens[0]))
+            return (logits.copy(), hidden[None].copy()) if outputs else (None, None)
         hidden = np.empty((tokens.size, self.n_embd), dtype=np.float32) if outputs else None
-        step = self._batch.capacity
         logits = None
         if not outputs:
             self._ctx.set_embeddings(False)
             self._batch.logits[:] = 0
         try:
-            for start in range(0, tokens.size, step):
-                chunk = tokens[start : start + step]
+            for start, stop in self._chunks(tokens.size):
+                chunk = tokens[start:stop]
                 self._batch.set_chain(chunk, self.n_past)
                 self._decode()
                 if outputs:
@@ -356,6 +385,7 @@ class Target:
                     hidden[start : start + chunk.size] = hd
                     logits = lg[-1].copy()
                 self._history[self.n_past : self.n_past + chunk.size] = chunk
+                self._row_class[self.n_past : self.n_past + chunk.size] = chunk.size >= TILE_ROWS
                 self.n_past += chunk.size
         finally:
             if not outputs:  # every other evaluation wants every row's outputs
@@ -363,31 +393,79 @@ class Target:
                 self._ctx.set_embeddings(True)
         return logits, hidden
 
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """Prefill chunks of at most one compute step each. Invariant kernels: ``n`` rows split
+        evenly, so with n >= TILE_ROWS every chunk has TILE_ROWS+ rows (each position then gets the
+        tiled kernels' row class, see :meth:`reusable_prefix`), or, where the probe found tiled prompt
+        batches to depend on their split, chunks below TILE_ROWS rows and never a lone last row."""
+        step = min(self._batch.capacity, self.n_ubatch)
+        if self.kernels.invariant and not self.tiled_prefill:
+            step = min(step, TILE_ROWS - 1)
+        n_chunks = -(-n // step)
+        if self.kernels.invariant and self.tiled_prefill:
+            bounds = [n * i // n_chunks for i in range(n_chunks + 1)]  # even sizes, none below n // n_chunks
+        else:
+            bounds = list(range(0, n, step)) + [n]
+            if self.pair_single and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+                bounds[-2] -= 1  # (.., step, 1) -> (.., step - 1, 2)
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def reusable_prefix(self, prompt_size: int, common: int) -> int:
+        """How much of a cached prefix shared with a prompt (``common`` tokens) to keep, so that the
+        prompt's first ``prompt_size - 1`` positions end up computed exactly as a cold prefill of
+        them computes them: with invariant kernels, a cold prefill gives every position the tiled
+        row class when there are TILE_ROWS+ of them, else the other one; a cached position of the
+        other class (a token generated earlier, say) is evaluated again, and so are enough
+        positions before the prompt's end for a batch of the cold class."""
+        n = prompt_size - 1  # the last prompt token is always evaluated, as a one-token decode
+        n_keep = max(0, min(common, n, self.n_past))
+        if not self.kernels.invariant:
+            return n_keep
+        cold = 1 if self.tiled_prefill and n >= TILE_ROWS else 0
+        other = np.flatnonzero(self._row_class[:n_keep] != cold)
+        if other.size:
+            n_keep = int(other[0])
+        if cold and 0 < n - n_keep < TILE_ROWS:
+            n_keep = max(0, n - TILE_ROWS)
+        return n_keep
+
+    def prefill_split(self, lo: int, mid: int, hi: int) -> int:
+        """Where to split a prefill of positions [lo, hi) in two calls (the first without outputs)
+        near ``mid`` so that neither part is a batch of another row class than the whole."""
+        if self.kernels.invariant and lo < mid < hi and min(mid - lo, hi - mid) < TILE_ROWS <= hi - lo:
+            return lo
+        return mid
+
     def decode_one(self, token: int) -> tuple[np.ndarray, np.ndarray]:
         """Append one token. Returns views of its logits [n_vocab] and hidden state [n_embd]."""
         if not 0 <= token < self.n_vocab:
             raise InvalidArgumentError(f"token id {token} is outside 0..{self.n_vocab - 1}")
         self._check_room(1)
         self._drop_pending()
-        paired = self.config.exact and self.n_past + 2 <= self.n_cells
+        self._decode_chain(np.array([token], dtype=np.int32))
+        self._history[self.n_past] = token
+        self._row_class[self.n_past] = 0
+        self.n_past += 1
+        logits, hidden = self._outputs(1)
+        return logits[0], hidden[0]
+
+    def _decode_chain(self, tokens: np.ndarray) -> None:
+        """Decode consecutive tokens of sequence 0 from ``n_past``; a lone token carries a second,
+        throw-away row on a spare sequence where the kernels demand it: llama.cpp then runs the batch
+        kernels (a lone row gets vec_dot instead of tinyBLAS, and past 512 cells its attention is
+        split across threads), so the row is computed exactly as it would be in a tree."""
+        paired = tokens.size == 1 and self.pair_single and self.n_past + 2 <= self.n_cells
         if paired:
-            # exact mode: a second, throw-away row on a spare sequence. Past 256 cells llama.cpp splits
-            # a lone row's attention across threads and sums the parts in another order; with two rows
-            # it computes this one exactly as it computes a tree row, at any context length
-            self._batch.set_rows(np.array([token, token], dtype=np.int32),
+            self._batch.set_rows(np.array([tokens[0], tokens[0]], dtype=np.int32),
                                  np.array([self.n_past, 0], dtype=np.int32),
                                  np.array([0, self._spare_seq], dtype=np.int32))
         else:
-            self._batch.set_chain(np.array([token], dtype=np.int32), self.n_past)
+            self._batch.set_chain(tokens, self.n_past)
         try:
             self._decode()
         finally:
             if paired:
                 self._ctx.seq_rm(self._spare_seq, -1, -1)
-        self._history[self.n_past] = token
-        self.n_past += 1
-        logits, hidden = self._outputs(2 if paired else 1)
-        return logits[0], hidden[0]
 
     def verify_tree(self, tokens, parents) -> TreeResult:
         """Evaluate a whole draft tree in one llama_decode.
@@ -411,9 +489,12 @@ class Target:
         # every path shares the committed prefix held by sequence 0
         for s in range(1, layout.n_paths):
             self._ctx.seq_cp(0, s, 0, self.n_past)
-        self._batch.set_tree(layout.tokens, self.n_past + layout.depth, layout.seq_ids, layout.n_seq_ids)
         try:
-            self._decode()
+            if n == 1:  # a lone row: paired where the kernels demand it
+                self._decode_chain(layout.tokens)
+            else:
+                self._batch.set_tree(layout.tokens, self.n_past + layout.depth, layout.seq_ids, layout.n_seq_ids)
+                self._decode()
         except LlamaCallError:
             self._drop_paths(layout.n_paths)
             raise
@@ -452,9 +533,16 @@ class Target:
         self._drop_paths(layout.n_paths, keep=k)
         self._pending = None
         if k < path.size:
-            self._batch.set_chain(layout.tokens[path[k:]], lo + k)
-            self._decode()
+            self.n_past = lo + k  # where the re-evaluated rows go
+            try:
+                self._decode_chain(layout.tokens[path[k:]])
+            except LlamaCallError:
+                self._ctx.seq_rm(-1, lo, -1)
+                raise
+            finally:
+                self.n_past = lo
         self._history[lo:hi] = layout.tokens[path]
+        self._row_class[lo:hi] = 0
         self.n_past = hi
         self._check_committed()
         return int(path.size - k)

@@ -108,6 +108,28 @@ def test_greedy_answer_equals_generate_no_draft(client):
     assert got == want
 
 
+LONG_ASK = ("Summarise these release notes in three bullet points.\n\n"
+            + "".join(f"- Version 1.{i}: the parser now accepts nested lists of depth {i + 2}, the cache keeps "
+                      f"{i * 16} entries, and the CLI prints a warning for option -{chr(97 + i)}.\n" for i in range(14)))
+
+
+def test_the_same_request_gets_the_same_answer_between_others(client):
+    """One greedy request past 256 cells, five times, between requests that change what the engine has
+    learned (tree sizes, acceptance, costs, the cached prefix), and with a wrong prediction: one answer."""
+    msgs = [{"role": "user", "content": LONG_ASK}]
+    others = [[{"role": "user", "content": LONG_ASK[:400] + "\nList the versions."}],
+              [{"role": "user", "content": "Count from one to twenty in words."}]]
+    answers = []
+    for i in range(5):
+        r = client.chat.completions.create(model="x", messages=msgs, max_tokens=64, temperature=0)
+        assert r.usage.prompt_tokens > 300
+        answers.append(r.choices[0].message.content)
+        client.chat.completions.create(model="x", messages=others[i % 2], max_tokens=32, temperature=0)
+    wrong = client.chat.completions.create(model="x", messages=msgs, max_tokens=64, temperature=0,
+                                           prediction={"type": "content", "content": LONG_ASK[::-1]})
+    assert answers == [answers[0]] * 5 and wrong.choices[0].message.content == answers[0]
+
+
 def test_eight_concurrent_clients(client):
     prompts = [f"Write the number {i} in words:" for i in range(8)]
     expected = {p: client.completions.create(model="x", prompt=p, max_tokens=8, temperature=0).choices[0].text for p in prompts}

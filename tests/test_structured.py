@@ -1,7 +1,7 @@
 """Structured output, tool calls and the full sampling set on Qwen2.5-Coder-0.5B with its shipped draft.
 
-In-process: each setting gives the same greedy tokens with speculation on and off (exact mode, where
-the two are bit-identical). Through `dovetail serve` and the official openai client: the answers
+In-process: each setting gives the same greedy tokens with speculation on and off (the default
+invariant kernels make the two bit-identical). Through `dovetail serve` and the official openai client: the answers
 have the shape each field asks for.
 """
 
@@ -34,8 +34,12 @@ ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris to
 def qwen(qwen_path):
     from dovetail_gguf import Dovetail
     from dovetail_gguf.target import TargetConfig
+    from dovetail_gguf.types import TreeConfig
 
-    with Dovetail(qwen_path, target_config=TargetConfig(n_ctx=2048, n_threads=2, exact=True)) as dt:
+    # a fixed tree: every round verifies draft and suffix-index candidates, whatever the planner
+    # would find worth it on this machine
+    with Dovetail(qwen_path, tree=TreeConfig(6, 4, 2), adaptive=False,
+                  target_config=TargetConfig(n_ctx=2048, n_threads=2)) as dt:
         assert dt.drafter is not None  # the shipped draft
         yield dt
 

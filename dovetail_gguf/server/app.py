@@ -1,0 +1,145 @@
+"""The FastAPI app: its engine worker, API key, body-size limit, CORS, error handlers, and the routes
+of each surface (OpenAI's ``/v1``, llama.cpp server's extensions)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Sequence
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import Dovetail
+from ..errors import DovetailError, InvalidArgumentError
+from . import llamacpp, openai
+from .errors import error_response
+from .worker import DEFAULT_MAX_QUEUE, EngineWorker, Metrics, QueueFullError
+
+MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this gets a 413
+
+
+def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, default_max_tokens: int = 512,
+               max_queue: int = DEFAULT_MAX_QUEUE, cors_origins: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app; its engine worker starts now and stops when the app shuts down.
+
+    ``cors_origins``: browser origins allowed to call the API (``"*"`` for any); none by default.
+    """
+    if api_key is not None and not api_key:
+        raise InvalidArgumentError("the API key is empty; give a non-empty key or none")
+    metrics = Metrics()
+    worker = EngineWorker(dt, max_queue, metrics)
+    app = FastAPI(title="dovetail-gguf", version="0.1.0",
+                  description="OpenAI-compatible API over Dovetail speculative decoding (GGUF target on the CPU).")
+    app.state.worker = worker
+    app.router.on_shutdown.append(worker.stop)
+    _install_handlers(app)
+
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
+    app.add_middleware(_CountStatus, metrics=metrics)  # the outermost layer: it sees every status
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), api_key.encode()):
+            raise StarletteHTTPException(401, "invalid or missing API key")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, "draft": dt.drafter is not None,
+                "queue_depth": worker.queue_depth, "busy": worker.busy, "max_queue": worker.max_queue}
+
+    keyed = [Depends(check_key)]
+    app.include_router(openai.router(dt, worker, model_name, default_max_tokens), dependencies=keyed)
+    app.include_router(llamacpp.router(dt, worker), dependencies=keyed)
+    return app
+
+
+class _CountStatus:
+    """Counts every response's status into :class:`Metrics` (a plain ASGI layer, like :class:`_BodyLimit`)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counting(message):
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                self.metrics.request(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting)
+        except Exception:
+            if not started:  # the server's error layer answers 500
+                self.metrics.request(500)
+            raise
+
+
+class _BodyLimit:
+    """Refuses a request body over ``limit`` bytes with a 413 (a plain ASGI layer: it leaves the
+    disconnect detection of the routes intact)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await error_response(413, f"the request body is larger than {self.limit} bytes")(
+                scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await error_response(413, f"the request body is larger than {self.limit} bytes")(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = str(first.get("msg", "invalid request")).encode("utf-8", "replace").decode()
+        return error_response(400, f"{where}: {msg}" if where else msg)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(QueueFullError)
+    async def _full(request: Request, exc: QueueFullError):
+        return error_response(429, str(exc), "rate_limit_error", headers={"Retry-After": "2"})
+
+    @app.exception_handler(DovetailError)
+    async def _dovetail(request: Request, exc: DovetailError):
+        return error_response(400, str(exc))

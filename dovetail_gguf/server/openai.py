@@ -1,0 +1,109 @@
+"""OpenAI's API: ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``, whole or streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..api import Dovetail
+from ..errors import DovetailError, InvalidArgumentError
+from ..structured import could_be_tool_call, tool_call_grammar
+from .errors import error_body, error_response
+from .openai_shapes import ChatRequest, CompletionRequest, ResponseShape
+from .options import SamplingRequest, generation_options
+from .worker import EngineWorker, Job
+
+
+def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_tokens: int) -> APIRouter:
+    """The ``/v1`` routes over ``worker``'s engine; ``default_max_tokens`` where a request gives none."""
+    api = APIRouter(prefix="/v1")
+
+    @api.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "local"}]}
+
+    @api.post("/chat/completions")
+    async def chat(req: ChatRequest, request: Request) -> Any:
+        messages = [m.as_dict() for m in req.messages]
+        tools = req.active_tools()
+        tokens = await run_in_threadpool(dt.chat_prompt_tokens, messages, tools)
+        forced, name = req.forced_tool()
+        grammar = await run_in_threadpool(tool_call_grammar, tools, name) if forced else None
+        opts = await generation_options(dt, req, tokens, default_max_tokens, grammar)
+        return await _respond(worker, request, req, tokens, opts, model_name, chat=True, tools=tools is not None)
+
+    @api.post("/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        if isinstance(req.prompt, str):
+            tokens = await run_in_threadpool(dt.tokenize_prompt, req.prompt)
+        else:
+            tokens = list(req.prompt)
+            if min(tokens) < 0 or max(tokens) >= dt.target.n_vocab:
+                raise InvalidArgumentError(f"prompt token ids must be in 0..{dt.target.n_vocab - 1}")
+        opts = await generation_options(dt, req, tokens, default_max_tokens)
+        return await _respond(worker, request, req, tokens, opts, model_name, chat=False)
+
+    return api
+
+
+async def _respond(worker: EngineWorker, request: Request, req: SamplingRequest, tokens: list[int], opts: dict,
+                   model_name: str, chat: bool, tools: bool = False) -> Any:
+    job = Job(tokens, opts, asyncio.get_running_loop())
+    worker.submit(job)  # QueueFullError -> 429
+    shape = ResponseShape(model_name, chat, include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                          tools=tools, token_bytes=worker.dt.target.token_bytes)
+    if req.stream:
+        return StreamingResponse(_events(worker, job, shape), media_type="text/event-stream")
+    try:
+        checked = time.monotonic()
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                kind = None
+            if time.monotonic() - checked > 0.5:  # pieces keep coming while it runs: look at the client anyway
+                checked = time.monotonic()
+                if await request.is_disconnected():  # the client gave up: free its place or the engine
+                    worker.cancel(job)
+                    return error_response(499, "client closed the request")
+            if kind == "done":
+                return shape.whole(value)
+            if kind == "error":
+                return JSONResponse(status_code=400 if isinstance(value, DovetailError) else 500, content=error_body(value))
+    finally:
+        worker.cancel(job)  # a no-op once done
+
+
+async def _events(worker: EngineWorker, job: Job, shape: ResponseShape) -> AsyncIterator[str]:
+    """Server-sent events: chunks, a final chunk with finish_reason, a usage chunk if the request asked for
+    one (stream_options.include_usage), then [DONE]; or an error event."""
+    first = True
+    held = ""  # with tools: the answer's start, held back while it may still be a tool call
+    try:
+        while True:
+            kind, value = await job.events.get()
+            if kind == "piece":
+                if shape.tools:
+                    held += value
+                    if could_be_tool_call(held):  # parsed from the whole answer, sent in the last chunk
+                        continue
+                    shape.tools, value, held = False, held, ""  # plain text: streamed from here on
+                yield "data: " + json.dumps(shape.chunk(value, None, first)) + "\n\n"
+                first = False
+            elif kind == "done":
+                yield "data: " + json.dumps(shape.last_chunk(value, first)) + "\n\n"
+                if shape.include_usage:
+                    yield "data: " + json.dumps(shape.usage_chunk(value)) + "\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                yield "data: " + json.dumps(error_body(value)) + "\n\n"
+                return
+    finally:  # a disconnect (or shutdown) cancels the task here: the engine is freed at the next round
+        worker.cancel(job)

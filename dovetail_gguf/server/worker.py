@@ -1,0 +1,177 @@
+"""The one thread that owns the engine, its bounded FIFO queue, and the server's counters."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from ..api import Dovetail
+from ..errors import DovetailError
+
+log = logging.getLogger(__package__)
+
+DEFAULT_MAX_QUEUE = 64
+
+
+class Metrics:
+    """Counters for ``GET /metrics``, in Prometheus's text format. The engine worker counts generations,
+    a middleware counts responses by status; one lock serves both threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: collections.Counter[int] = collections.Counter()
+        self.generations = self.prompt_tokens = self.completion_tokens = self.rounds = self.accepted_tokens = 0
+        self.tokens_per_second = 0.0  # of the last generation that finished (not cancelled)
+
+    def request(self, status: int) -> None:
+        with self._lock:
+            self.requests[status] += 1
+
+    def generation(self, result) -> None:
+        """Count a generation that ended or was cancelled (its tokens were computed either way)."""
+        if result is None:
+            return
+        s = result.stats
+        with self._lock:
+            self.generations += 1
+            self.prompt_tokens += s.n_prompt_tokens
+            self.completion_tokens += s.n_tokens
+            self.rounds += s.rounds
+            self.accepted_tokens += s.accepted_tokens
+            if result.finish_reason not in ("cancelled", "error") and s.n_tokens:
+                self.tokens_per_second = s.tokens_per_second
+
+    def text(self, worker: "EngineWorker") -> str:
+        """The exposition text (format 0.0.4)."""
+        with self._lock:
+            rows = [
+                ("requests_total", "counter", "HTTP responses, by status code.",
+                 [(f'{{status="{k}"}}', v) for k, v in sorted(self.requests.items())]),
+                ("generations_total", "counter", "Generations that ended or were cancelled.", [("", self.generations)]),
+                ("prompt_tokens_total", "counter", "Prompt tokens of those generations.", [("", self.prompt_tokens)]),
+                ("completion_tokens_total", "counter", "Tokens generated.", [("", self.completion_tokens)]),
+                ("rounds_total", "counter", "Decoding rounds (one target call each); tokens per round is "
+                 "accepted_tokens_total / rounds_total.", [("", self.rounds)]),
+                ("accepted_tokens_total", "counter", "Tokens emitted by rounds, the target's own token included.",
+                 [("", self.accepted_tokens)]),
+                ("tokens_per_second", "gauge", "Decode speed of the last finished generation.",
+                 [("", round(self.tokens_per_second, 3))]),
+                ("queue_depth", "gauge", "Requests waiting for the engine.", [("", worker.queue_depth)]),
+                ("max_queue", "gauge", "The queue's bound; past it a request gets 429.", [("", worker.max_queue)]),
+                ("busy", "gauge", "1 while the engine runs a generation.", [("", int(worker.busy))]),
+            ]
+        out = []
+        for name, kind, help_text, samples in rows:
+            out += [f"# HELP dovetail_{name} {help_text}", f"# TYPE dovetail_{name} {kind}"]
+            out += [f"dovetail_{name}{labels} {value}" for labels, value in samples]
+        return "\n".join(out) + "\n"
+
+
+class QueueFullError(DovetailError):
+    """The request queue is at its bound; try again later."""
+
+
+@dataclass
+class Job:
+    """One generation request: prompt tokens and options in, events out (on the event loop's queue).
+
+    Events: ("piece", str), ("done", GenerationResult), ("error", DovetailError | Exception).
+    """
+
+    tokens: list[int]
+    options: dict
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, kind: str, value) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            self.cancelled.set()
+
+
+class EngineWorker:
+    """The one thread that runs generations, in FIFO order, with at most ``max_queue`` waiting."""
+
+    def __init__(self, dt: Dovetail, max_queue: int = DEFAULT_MAX_QUEUE, metrics: Metrics | None = None):
+        self.dt = dt
+        self.max_queue = max_queue
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dovetail-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting (the bound is {self.max_queue}); retry later")
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop ``job`` from the queue, or stop its generation at the next round."""
+        job.cancelled.set()
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                pass
+
+    def stop(self) -> None:
+        """Cancel everything; the worker ends after the current round."""
+        with self._cond:
+            self._stopping = True
+            for job in self._waiting:
+                job.cancelled.set()
+            self._waiting.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._waiting:
+                    return
+                job = self._waiting.popleft()
+                self._busy = True
+            try:
+                self._serve(job)
+            finally:
+                self._busy = False
+
+    def _serve(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            stream = self.dt.stream_tokens(job.tokens, **job.options)
+            for piece in stream:
+                if job.cancelled.is_set():
+                    break
+                job.send("piece", piece)
+            stream.close()  # also frees the engine after a cancel
+            self.metrics.generation(stream.result)
+            if not job.cancelled.is_set():
+                job.send("done", stream.result)
+        except DovetailError as e:
+            job.send("error", e)
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the worker; the client gets a 500 event
+            log.exception("generation failed")
+            job.send("error", e)
