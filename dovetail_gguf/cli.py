@@ -67,10 +67,11 @@ def target_options(f):
                      help="invariant: a row's logits are the same in any batch, so greedy output equals "
                           "--no-draft's and the same request gets the same answer. fast: llama.cpp's own "
                           "kernel choice per batch size (repacked weights, split attention); a near-tie of the "
-                          "top two logits can then flip between runs. Measured trade-off: on an AMD EPYC with "
-                          "AVX2 fast is no faster (Qwen2.5-Coder-0.5B plain decoding 0.99x invariant's, 18/20 "
-                          "answers the same; docs/performance.md); on CPUs whose repacked kernels are faster "
-                          "(AMX) it may be.")(f)
+                          "top two logits can then flip between runs. Measured trade-off (Qwen2.5-Coder-0.5B plain "
+                          "decoding, docs/performance.md): fast is no faster, 0.99x invariant's on an AMD EPYC "
+                          "with AVX2 and 0.97-1.02x on an Intel Xeon with AMX (setup.sh builds llama.cpp without "
+                          "AMX code). A file made mostly of Q4_K weights can run faster with fast: their repacked "
+                          "kernels are not batch-invariant yet, so invariant turns them off.")(f)
     return f
 
 
