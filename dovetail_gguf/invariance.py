@@ -144,15 +144,12 @@ def probe(target) -> Invariance:
 def load_or_probe(target) -> Invariance:
     """The cached probe result for this target's machine, file, threads and kernels, else a fresh probe
     (cached when complete)."""
-    from .costs import cost_key, read_entry, write_entry
+    from .costs import cost_key, write_entry
 
     key = cost_key(target) + "/invariance"
-    cached = read_entry(key)
-    if isinstance(cached, dict):
-        try:
-            return Invariance(**cached)
-        except TypeError:
-            pass  # written by another version: probe again
+    found = _read_cached(key)
+    if found is not None:
+        return found
     log.info("probing llama.cpp's kernels for batch invariance (once per machine, file and thread count)")
     found = probe(target)
     if found.complete:
@@ -165,14 +162,21 @@ def cached(path, n_threads: int) -> Invariance | None:
     ``n_threads`` threads in a new process here, or None (not probed yet)."""
     from types import SimpleNamespace
 
-    from .costs import cost_key, read_entry
+    from .costs import cost_key
     from .kernels import effective_environment, kernel_mode
     from .target import TargetConfig
 
     mode = kernel_mode("invariant")
     stand_in = SimpleNamespace(path=path, n_threads=n_threads, extra_buffers=False, config=TargetConfig(),
                                kernels=mode, kernel_env=effective_environment(mode))
-    entry = read_entry(cost_key(stand_in) + "/invariance")
+    return _read_cached(cost_key(stand_in) + "/invariance")
+
+
+def _read_cached(key: str) -> Invariance | None:
+    """The probe result cached under ``key``, or None (absent, or written in another shape)."""
+    from .costs import read_entry
+
+    entry = read_entry(key)
     try:
         return Invariance(**entry) if isinstance(entry, dict) else None
     except TypeError:
