@@ -82,6 +82,8 @@ class RunRecord:
     draft_rounds: int = 0
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
+    # every planned round: [rows, drafted, predicted ms, measured ms, expected tokens, emitted tokens]
+    round_log: list[list] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -139,7 +141,7 @@ def _run_one(system: str, index: int, tokens, max_tokens: int, engines: dict, ll
                      s.draft_seconds, s.verify_seconds, s.verified_rows, s.depth_drafted, s.depth_accepted,
                      reevaluated_rows=s.reevaluated_rows, draft_rounds=s.draft_rounds,
                      accepted_prediction_tokens=s.accepted_prediction_tokens,
-                     rejected_prediction_tokens=s.rejected_prediction_tokens)
+                     rejected_prediction_tokens=s.rejected_prediction_tokens, round_log=[list(vars(x).values()) for x in s.round_log])
 
 
 def replay_bound(prompt: list[int], answer: list[int], verify_ms: dict[int, float], prediction: list[int] | None = None,
@@ -317,6 +319,30 @@ def roofline(verify_ms: dict[int, float], acceptance: list[float]) -> tuple[floa
     return best, best_depth
 
 
+def cost_model_gap(records: list[RunRecord]) -> dict | None:
+    """How the planner's predictions compare with what its rounds did, over every planned round of
+    ``records``: the median of measured / predicted round time, over all rounds and by kind (plain
+    steps, rounds that verified free-source tokens only, rounds that ran the draft model), the
+    ratio of the totals, and the tokens the rounds were expected to emit against those they did.
+    None when no round was recorded."""
+    log = np.asarray([row for r in records for row in r.round_log], dtype=np.float64).reshape(-1, 6)
+    if log.shape[0] == 0:
+        return None
+    rows, drafted, pred, meas, expected, emitted = log.T
+    drafted = drafted > 0
+    ok = pred > 0
+    ratio = meas / np.where(ok, pred, 1.0)
+    out = {"rounds": int(rows.size)}
+    for name, mask in (("all", np.ones(rows.size, dtype=bool)), ("plain", (rows == 1) & ~drafted),
+                       ("free", (rows > 1) & ~drafted), ("drafted", drafted)):
+        sel = mask & ok
+        out[name] = {"rounds": int(sel.sum()),
+                     "measured_over_predicted_median": float(np.median(ratio[sel])) if sel.any() else None,
+                     "measured_over_predicted_total": float(meas[sel].sum() / pred[sel].sum()) if sel.any() else None,
+                     "emitted_over_expected": float(emitted[sel].sum() / expected[sel].sum()) if sel.any() else None}
+    return out
+
+
 def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
               verify_ms: dict[int, float] | None = None, replay: dict | None = None) -> dict:
     """Per system: tokens/s, median per-prompt speedup over plain, τ, time split, identity with plain
@@ -357,7 +383,8 @@ def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
         if rounds and system not in (PLAIN, PLAIN_FAST):
             rows = sum(r.verified_rows for r in rs)
             accept = acceptance_by_depth(rs)
-            extra = {"rows_per_round": rows / rounds, "acceptance_by_depth": accept}
+            extra = {"rows_per_round": rows / rounds, "acceptance_by_depth": accept,
+                     "cost_model": cost_model_gap(rs)}
             if verify_ms and rows:
                 tau, one = out[system]["tau"], float(interpolate(verify_ms, 1))
                 extra["free_draft_speedup"] = tau * one / float(interpolate(verify_ms, rows / rounds))
@@ -404,6 +431,13 @@ def format_table(summary: dict) -> str:
                      f"chain roofline {s['roofline']:.2f}x (depth {s['roofline_depth']})")
         if "replay_bound_median" in s:
             line += f"; replay bound {s['replay_bound_median']:.2f}x (median)"
+        gap = s.get("cost_model")
+        if gap and gap["all"]["rounds"]:
+            kinds = ", ".join(f"{k} {gap[k]['measured_over_predicted_median']:.2f} ({gap[k]['rounds']})"
+                              for k in ("plain", "free", "drafted") if gap[k]["rounds"])
+            line += (f"; round time measured/predicted {gap['all']['measured_over_predicted_median']:.2f} "
+                     f"(median; {kinds}), tokens emitted/expected "
+                     + ", ".join(f"{k} {gap[k]['emitted_over_expected']:.2f}" for k in ("free", "drafted") if gap[k]["rounds"]))
         if s.get("speedup_over_dovetail_median") is not None:
             line += (f"; {s['speedup_over_dovetail_median']:.2f}x over dovetail without the prediction, "
                      f"{100 * s['prediction_accepted_share']:.0f}% of the prediction accepted")

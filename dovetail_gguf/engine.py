@@ -34,6 +34,7 @@ from .types import (  # noqa: F401  (re-exported: the engine's vocabulary)
     GenerateOptions,
     GenerationResult,
     GenerationStats,
+    RoundRecord,
     TreeConfig,
 )
 
@@ -379,9 +380,10 @@ class Engine:
             return self._calibration_round(root, tail, room, limit, sampler, stats)
         proposals = [s.propose(tail, limit - 1) for s in self._sources] if limit >= 2 else []
         plan = self._plan(root, proposals, limit, sampler)
-        draft_ms = 0.0
+        draft_ms = predicted_draft_ms = 0.0
         tree = self._draft_tree(plan, room, limit)
         if tree is not None:
+            predicted_draft_ms = self._predicted_draft_ms(tree)
             steady = t.n_past - self._draft_len <= self.tree.depth  # catching up on many positions is not typical
             td = time.perf_counter()
             proposals.append(self._draft_source.proposal(self._draft(root, tree, self._draft_len)))
@@ -397,8 +399,18 @@ class Engine:
         self._observe_round(plan, path, proposals, pending, tree, draft_ms if tree is not None and steady else None,
                             stats)
         verify_ms = 1000 * (stats.verify_seconds - verify_before)
-        self.costs.record_overhead(1000 * (time.perf_counter() - tr) - draft_ms - verify_ms)
+        round_ms = 1000 * (time.perf_counter() - tr)
+        self.costs.record_overhead(round_ms - draft_ms - verify_ms)
+        if self.adaptive and self.costs.table:  # a round the cost model planned
+            stats.round_log.append(RoundRecord(plan.rows, tree is not None, round(predicted_draft_ms + plan.expected_ms, 3),
+                                               round(round_ms, 3), round(plan.expected_tokens, 3), len(pending)))
         return pending
+
+    def _predicted_draft_ms(self, tree: TreeConfig) -> float:
+        """What the cost model expects drafting ``tree`` to take."""
+        if self.policy is not None:
+            return float(self.policy.draft_ms_fixed + self.policy.draft_ms_per_depth * tree.depth)
+        return float(getattr(self.drafter, "step_ms", 0.0)) * tree.depth
 
     def _tail(self, root: int) -> list[int]:
         """The context's last tokens, the root included: what the suffix sources match."""

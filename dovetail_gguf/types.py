@@ -65,6 +65,18 @@ class Drafter(Protocol):
 
 
 @dataclass
+class RoundRecord:
+    """One planned round as the planner saw it and as it ran."""
+
+    rows: int  # rows verified (1: a plain step)
+    drafted: bool  # whether the draft model ran
+    predicted_ms: float  # the cost model's time for the round (drafting, verification, overhead)
+    measured_ms: float  # the round's own work, by the clock
+    expected_tokens: float  # tokens the planner expected the round to emit, the bonus included
+    emitted: int  # tokens it emitted
+
+
+@dataclass
 class GenerationStats:
     n_prompt_tokens: int = 0
     n_tokens: int = 0
@@ -81,6 +93,8 @@ class GenerationStats:
     # that accepted at least d of its tokens; their ratio is the acceptance by depth
     depth_drafted: list[int] = field(default_factory=list)
     depth_accepted: list[int] = field(default_factory=list)
+    # every planned round (calibration rounds excluded): what the planner predicted, what happened
+    round_log: list[RoundRecord] = field(default_factory=list)
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0

@@ -185,3 +185,32 @@ def test_the_cost_cache_keeps_counts_spread_and_ages_and_forgets_old_sizes(smol,
     model.save()
     again: dict = {}
     assert load_costs(smol, again)[4] == pytest.approx(model.table[4], abs=1e-3) and again[4].n == 4
+
+
+def test_every_planned_round_logs_its_predicted_and_measured_time(smol, tmp_path, monkeypatch):
+    """Once t(k) is known, each round records its rows, the planner's predicted time and expected
+    tokens, and what it took and emitted; the log accounts for every round, row and token, and the
+    bench's cost-model summary reads it."""
+    from dovetail_gguf.bench import RunRecord, cost_model_gap
+
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    prompt = smol.tokenize(COPY_PROMPT)
+    engine = Engine(smol, None, adaptive=True, ngram=True)
+    run(engine, prompt, 16)  # times t(k) in its first rounds
+    s = run(engine, prompt, 40).stats
+    log = s.round_log
+    assert len(log) == s.rounds
+    assert sum(r.rows for r in log) == s.verified_rows
+    assert sum(r.emitted for r in log) == s.accepted_tokens
+    assert any(r.rows > 1 for r in log)  # the copied words come in chains
+    for r in log:  # (a size's first prediction may be a guess: its first timing replaces it)
+        assert r.predicted_ms > 0 and r.measured_ms > 0
+        assert 1.0 <= r.expected_tokens <= r.rows and 1 <= r.emitted <= r.rows
+    rec = RunRecord("dovetail", 0, s.n_tokens, s.decode_seconds, round_log=[list(vars(r).values()) for r in log])
+    gap = cost_model_gap([rec])
+    assert gap["all"]["rounds"] == len(log)
+    assert gap["plain"]["rounds"] + gap["free"]["rounds"] == len(log)
+    assert gap["free"]["emitted_over_expected"] == pytest.approx(
+        sum(r.emitted for r in log if r.rows > 1) / sum(r.expected_tokens for r in log if r.rows > 1))
+    # the plain engine plans nothing and logs nothing
+    assert run(Engine(smol), prompt, 8).stats.round_log == []
