@@ -177,14 +177,32 @@ EXPLORE_ROW_COST = 0.1  # t(k) past the largest measured k, per row, in units of
 ROW_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # the sizes rounds use: few to measure
 
 
+SPEED_RATE = 0.25  # how fast the machine-speed estimate follows a decode's timing
+SHAPE_RATE = 0.1  # how fast a size's ratio t(k) / t(1) follows its timings
+OUTLIER = 1.5  # one timing moves an estimate as if it were at most this far from it (or its inverse)
+STALE_AFTER_DECODES = 128  # a size no decode has timed for this many decodes is priced lower (below)
+STALE_DISCOUNT = 0.75  # ... by this factor, twice at most (after 1 and 2 x STALE_AFTER_DECODES)
+MAX_RATIO_PER_ROW = 1.5  # t(k) / t(1) above 1.5 k: timed under load (k decodes of one row cost k t(1))
+
+
 class CostModel:
     """What a round costs on this machine: t(k) by rows verified, and the per-round overhead.
 
+    t(k) = speed * shape(k): ``speed`` is t(1) now, which every decode refines (a shared machine
+    slows down and speeds up as a whole, by tens of percent, within seconds), and ``shape(k)``
+    = t(k) / t(1) is learned from the decodes of k rows, each timing divided by the speed of
+    its moment. A size timed only during a slow spell is then not overpriced after it, and one
+    outlier moves a ratio little (a timing counts as at most ``OUTLIER`` times off). A size the
+    planner stopped using because it was timed high is priced ``STALE_DISCOUNT`` lower after
+    ``STALE_AFTER_DECODES`` decodes without a timing, and again after twice as many, so it is
+    tried again once it might pay, at a price never far below its last timing.
+
     Calibrate: with nothing cached, the first rounds verify ``CALIBRATION_SIZES`` rows in
     turn and are timed (see the engine's calibration round). Refine: every later decode
-    folds its time into t(its size); a size used for the first time replaces the
-    interpolation. Persist: :meth:`save` keeps t(k) for the next process. Interpolate:
-    :meth:`verify_ms` answers for any size, arrays included.
+    folds its time in; a size used for the first time, or not timed for
+    ``STALE_AFTER_DECODES`` decodes, takes its next timing whole. Persist: :meth:`save` keeps
+    t(k) at the current speed for the next process. Interpolate: :meth:`verify_ms` answers
+    for any size, arrays included; ``table`` holds t(k) of the sizes timed recently.
     """
 
     def __init__(self, target, max_rows: int):
@@ -194,6 +212,11 @@ class CostModel:
         self.stats: dict[int, SizeStats] = {}  # per size: timings, spread, last timed
         self.calibration: list[int] = []  # rows the next rounds verify to time t(k)
         self.overhead_ms = 0.0  # per-round work outside decodes and drafting (planning, accepting, ...)
+        self.speed = 0.0  # t(1) in ms now
+        self.shape: dict[int, float] = {}  # t(k) / t(1), 1 included
+        self._timed_at: dict[int, int] = {}  # the decode count when each size was last timed
+        self._decodes = 0
+        self._arrays: tuple[dict, np.ndarray, np.ndarray] | None = None  # (the table they hold, sizes, t)
         self.dirty = False
 
     def ready(self) -> bool:
@@ -206,8 +229,28 @@ class CostModel:
                 self.table, self.stats = {}, {}
                 self.calibration = [k for k in (1, *CALIBRATION_SIZES) if k <= self.max_rows]
                 return False
-            self.table, self.stats = cached, stats
+            self.adopt(cached)
+            self.stats = stats
         return not self.calibration
+
+    def adopt(self, costs: dict[int, float]) -> None:
+        """Start from t(k) in ms (1 included), as cached or calibrated."""
+        self.speed = float(costs[1])
+        self.shape = {k: _plausible(k, float(v) / self.speed) for k, v in costs.items()}
+        self._timed_at = {k: self._decodes for k in costs}
+        self.table = {}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """``table`` (in place: the tree policy holds it) from the speed and each size's ratio."""
+        for k, r in self.shape.items():
+            age = min(2, (self._decodes - self._timed_at.get(k, self._decodes)) // STALE_AFTER_DECODES)
+            if age and k > 1:  # not timed for long: lower, toward the optimistic guess
+                r = max(r * STALE_DISCOUNT ** age, 1.0 + EXPLORE_ROW_COST * (k - 1))
+            self.table[k] = self.speed * r
+
+    def _stale(self, k: int) -> bool:
+        return k != 1 and self._decodes - self._timed_at.get(k, self._decodes) >= STALE_AFTER_DECODES
 
     def verify_ms(self, rows):
         """t(rows) in ms (a number or an array); rows-proportional while nothing is measured.
@@ -220,8 +263,11 @@ class CostModel:
         """
         if not self.table:
             return np.asarray(rows, dtype=np.float64) * 1.0
-        ks = np.fromiter(sorted(self.table), dtype=np.float64)
-        vs = np.fromiter((self.table[k] for k in ks.astype(int).tolist()), dtype=np.float64, count=ks.size)
+        if self._arrays is None or self._arrays[0] != self.table:  # the table changed (a timing, a test)
+            ks = np.fromiter(sorted(self.table), dtype=np.float64)
+            vs = np.fromiter((self.table[k] for k in ks.astype(int).tolist()), dtype=np.float64, count=ks.size)
+            self._arrays = (dict(self.table), ks, vs)
+        _, ks, vs = self._arrays
         r = np.asarray(rows, dtype=np.float64)
         below = np.maximum(np.searchsorted(ks, r, side="right") - 1, 0)  # the largest measured size <= rows
         optimistic = vs[below] + (r - ks[below]) * EXPLORE_ROW_COST * self.table.get(1, vs[0])
@@ -234,11 +280,27 @@ class CostModel:
         if self.table is None:
             return False
         ms = 1000 * seconds
-        if self.calibration:  # the quickest of the calibration rounds' timings: a first decode can be slow
+        if not self.shape:  # calibrating: the quickest of its rounds' timings (a first decode can be slow)
             self.table[rows] = min(self.table.get(rows, ms), ms)
             self.stats.setdefault(rows, SizeStats()).record(ms)
             return False
-        update_cost(self.table, rows, ms, stats=self.stats)
+        known = rows in self.shape and not self._stale(rows)
+        if known:
+            expected = self.speed * self.shape[rows]
+            self.stats.setdefault(rows, SizeStats()).record(ms, expected)
+            off = min(max(ms / expected, 1.0 / OUTLIER), OUTLIER)  # this timing against the estimate
+            if rows > 1:  # the ratio moves with the timing at the speed of its moment
+                self.shape[rows] = _plausible(rows, self.shape[rows] * (1.0 + SHAPE_RATE * (off - 1.0)))
+            self.speed *= 1.0 + SPEED_RATE * (off - 1.0)
+        else:  # a new size, or one not timed for long: this timing replaces the guess
+            self.stats[rows] = SizeStats()
+            self.stats[rows].record(ms)
+            self.shape[rows] = _plausible(rows, ms / self.speed) if rows > 1 else 1.0
+            if rows == 1:
+                self.speed = ms
+        self._decodes += 1
+        self._timed_at[rows] = self._decodes
+        self._refresh()
         self.dirty = True
         return True
 
@@ -251,6 +313,7 @@ class CostModel:
             self.table = None
             return False
         log.info("verification cost (ms) by rows: %s", {k: round(v, 2) for k, v in sorted(self.table.items())})
+        self.adopt(dict(self.table))
         self.dirty = True
         return True
 
@@ -258,3 +321,9 @@ class CostModel:
         if self.dirty and self.table:
             save_costs(self.target, self.table, self.stats)
         self.dirty = False
+
+
+def _plausible(k: int, ratio: float) -> float:
+    """t(k) / t(1) within what a machine can show: k rows cost at least one and at most
+    ``MAX_RATIO_PER_ROW`` k (a ratio above was timed while the machine was busy)."""
+    return 1.0 if k == 1 else min(max(ratio, 1.0), MAX_RATIO_PER_ROW * k)

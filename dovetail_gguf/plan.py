@@ -196,6 +196,10 @@ def _path_products(parents: np.ndarray, cond: np.ndarray) -> np.ndarray:
     return np.asarray(prob)
 
 
+_IS_ROW_SIZE = np.zeros(max(ROW_SIZES) + 2, dtype=bool)  # [rows]: a size rounds use (the last entry: past them)
+_IS_ROW_SIZE[list(ROW_SIZES)] = True
+
+
 @dataclass
 class RoundPlan:
     """The nodes to verify (layout order: parents first, the most likely path first) and why."""
@@ -234,13 +238,17 @@ def plan_round(cands: Candidates, verify_ms, limit: int, overhead_ms: float = 0.
         expected = np.concatenate([[1.0], 1.0 + np.cumsum(p)])  # [k_max + 1]
         rows = np.arange(1, k_max + 2)
         cost = np.asarray(verify_ms(rows), dtype=np.float64) + overhead_ms
+        sized = _IS_ROW_SIZE[np.minimum(rows, _IS_ROW_SIZE.size - 1)]
+        if not take_all and (expected / cost)[sized].max() <= expected[0] / cost[0]:
+            # nothing beats a plain step before re-evaluation is priced: nothing will after
+            return _layout(cands, np.zeros(1, dtype=np.int64), 1.0, float(cost[0]))
         # commit re-evaluates an accepted path that leaves the first path (a decode of its own)
         first = _first_path(cands)
         off = np.where(first[cands.parents[order]] & ~first[order], p, 0.0)
         if reeval_ms is None:
             reeval_ms = float(np.atleast_1d(verify_ms(np.array([2.0])))[0])
         cost = cost + np.concatenate([[0.0], np.cumsum(off)]) * reeval_ms
-        speed = np.where(np.isin(rows, ROW_SIZES), expected / cost, 0.0)  # a few sizes: each is measured once
+        speed = np.where(sized, expected / cost, 0.0)  # a few sizes: each is measured once
         speed[0] = expected[0] / cost[0]
         best = k_max if take_all else int(np.argmax(speed))
         if not take_all and speed[best] <= speed[0]:  # no margin: the costs are measured

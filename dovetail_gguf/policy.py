@@ -21,6 +21,10 @@ from .costs import interpolate
 log = logging.getLogger(__name__)
 
 PROBE_MAX_TOKENS = 3  # draft tokens a probe may verify: enough to see acceptance, cheap where nothing pays
+# a probe (drafting, often after catching the draft up on every position decoded plainly since the last
+# one) costs one to two plain steps on a CPU; where even a draft accepted whole would be less than this
+# much faster than plain decoding, a real one (levels accepted at 0.6-0.9) would not be: probes are rare
+PROBE_MIN_GAIN = 1.15
 
 
 @dataclass
@@ -98,8 +102,8 @@ class TreePolicy:
         if self._plain_steps >= self._probe_gap:  # look again, less often while probes keep failing
             self._plain_steps = 0
             longest = 16 * self.probe_every
-            if self._probe_gap < longest and self.perfect_speed() <= 1.0 / self.verify_cost(1):
-                self._probe_gap = longest  # not even a perfect draft would pay: look again only rarely
+            if self._probe_gap < longest and self.perfect_speed() <= PROBE_MIN_GAIN / self.verify_cost(1):
+                self._probe_gap = longest  # not even a perfect draft would pay enough: look again only rarely
                 return None
             self._probe_gap = min(2 * self._probe_gap, longest)
             depth, tokens = self.candidates()

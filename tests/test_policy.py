@@ -98,3 +98,18 @@ def test_where_not_even_a_perfect_draft_could_pay_probes_are_rare():
     p.verify_ms.update({2: 10.5, 4: 11.0})
     p.costs_changed(2)
     assert p.perfect_speed() > 1 / linear[1]
+
+
+def test_where_a_perfect_draft_would_gain_little_probes_are_rare_too():
+    """SmolLM2 on a 2-core Xeon: rows cost 1.6 t(1) and more, the draft 5 ms a level. A draft
+    accepted whole would be about 10% faster than plain decoding; a real one, and the probes that
+    catch it up, would be slower: probes wait for the longest gap."""
+    from dovetail_gguf.policy import PROBE_MIN_GAIN
+
+    costs = {1: 15.0, 2: 24.0, 3: 33.0, 4: 40.0, 8: 70.0, 16: 120.0}
+    p = policy(costs, draft_ms=5.0)
+    p._reach[1:] = 0.3  # acceptance measured low: no tree is chosen
+    gain = p.perfect_speed() * costs[1]
+    assert 1.0 < gain < PROBE_MIN_GAIN
+    probes = [i for i in range(140) if p.choose() is not None]
+    assert probes == [67, 131]
