@@ -66,7 +66,8 @@ class Report:
         target = "" if self.target == "smollm2-135m" else f" --target {TARGET_NAMES[self.target]}"
         flags = WORKLOADS[self.workload][1]
         prompts = flags.split(" (")[0] if flags.startswith("--") else ("--chat" if "chat" in self.workload else "")
-        return (f"dovetail bench{target} {prompts} --n {s['n_prompts']} --max-tokens {s['max_tokens']} "
+        repeats = f" --repeats {s['repeats']}" if s.get("repeats", 1) > 1 else ""
+        return (f"dovetail bench{target} {prompts} --n {s['n_prompts']} --max-tokens {s['max_tokens']}{repeats} "
                 f"--threads {self.doc['machine']['threads']} --systems {systems} --json {self.path.name}").replace("  ", " ")
 
 
@@ -145,6 +146,12 @@ def page(reports: list[Report]) -> str:
             acc = (s.get(SPECULATIVE_MAIN) or {}).get("acceptance_by_depth")
             if acc and max(acc) > 0:
                 out += ["", "Dovetail's acceptance by depth: " + ", ".join(f"{a:.2f}" for a in acc[:6]) + "."]
+            gap = (s.get(SPECULATIVE_MAIN) or {}).get("cost_model")
+            if gap and gap["all"]["rounds"]:
+                kinds = ", ".join(f"{k} {gap[k]['measured_over_predicted_median']:.2f} ({gap[k]['rounds']} rounds)"
+                                  for k in ("plain", "free", "drafted") if gap[k]["rounds"])
+                out += ["", f"The planner's round time, measured over predicted (median): "
+                            f"{gap['all']['measured_over_predicted_median']:.2f}; by kind: {kinds}."]
             out.append("")
         tk = _verify_curve(mine)
         if tk:

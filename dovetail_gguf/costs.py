@@ -159,20 +159,6 @@ def interpolate(costs: dict[int, float], n):
     return float(out) if np.ndim(out) == 0 else out
 
 
-def update_cost(costs: dict[int, float], n: int, ms: float, rate: float = 0.1,
-                stats: dict[int, SizeStats] | None = None) -> float:
-    """Fold one measured decode of ``n`` rows into ``costs`` (in place), and into ``stats``: its
-    count, spread and time; returns the relative change of t(n)."""
-    old = costs.get(n)
-    if stats is not None:
-        stats.setdefault(n, SizeStats()).record(ms, old, rate)
-    if old is None:  # a size seen for the first time: it replaces the extrapolation
-        costs[n] = ms
-        return 1.0
-    costs[n] = old + rate * (ms - old)
-    return abs(costs[n] - old) / max(old, 1e-9)
-
-
 EXPLORE_ROW_COST = 0.1  # t(k) past the largest measured k, per row, in units of t(1) (see CostModel.verify_ms)
 ROW_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # the sizes rounds use: few to measure
 
