@@ -230,13 +230,15 @@ class CostModel:
     def _refresh(self) -> None:
         """``table`` (in place: the tree policy holds it) from the speed and each size's ratio."""
         for k, r in self.shape.items():
-            age = min(2, (self._decodes - self._timed_at.get(k, self._decodes)) // STALE_AFTER_DECODES)
-            if age and k > 1:  # not timed for long: lower, toward the optimistic guess
+            age = min(2, self._age(k))
+            if age:  # not timed for long: lower, toward the optimistic guess
                 r = max(r * STALE_DISCOUNT ** age, 1.0 + EXPLORE_ROW_COST * (k - 1))
             self.table[k] = self.speed * r
 
-    def _stale(self, k: int) -> bool:
-        return k != 1 and self._decodes - self._timed_at.get(k, self._decodes) >= STALE_AFTER_DECODES
+    def _age(self, k: int) -> int:
+        """Whole STALE_AFTER_DECODES spans since size ``k`` was last timed (t(1) never ages: every
+        timing refines the speed)."""
+        return 0 if k == 1 else (self._decodes - self._timed_at.get(k, self._decodes)) // STALE_AFTER_DECODES
 
     def verify_ms(self, rows):
         """t(rows) in ms (a number or an array); rows-proportional while nothing is measured.
@@ -270,8 +272,7 @@ class CostModel:
             self.table[rows] = min(self.table.get(rows, ms), ms)
             self.stats.setdefault(rows, SizeStats()).record(ms)
             return False
-        known = rows in self.shape and not self._stale(rows)
-        if known:
+        if rows in self.shape and not self._age(rows):  # t(1) always is: adopt() starts from it
             expected = self.speed * self.shape[rows]
             self.stats.setdefault(rows, SizeStats()).record(ms, expected)
             off = min(max(ms / expected, 1.0 / OUTLIER), OUTLIER)  # this timing against the estimate
@@ -281,9 +282,7 @@ class CostModel:
         else:  # a new size, or one not timed for long: this timing replaces the guess
             self.stats[rows] = SizeStats()
             self.stats[rows].record(ms)
-            self.shape[rows] = _plausible(rows, ms / self.speed) if rows > 1 else 1.0
-            if rows == 1:
-                self.speed = ms
+            self.shape[rows] = _plausible(rows, ms / self.speed)
         self._decodes += 1
         self._timed_at[rows] = self._decodes
         self._refresh()

@@ -409,7 +409,7 @@ class Engine:
     def _predicted_draft_ms(self, tree: TreeConfig) -> float:
         """What the cost model expects drafting ``tree`` to take."""
         if self.policy is not None:
-            return float(self.policy.draft_ms_fixed + self.policy.draft_ms_per_depth * tree.depth)
+            return float(self.policy.draft_ms(tree.depth))
         return float(getattr(self.drafter, "step_ms", 0.0)) * tree.depth
 
     def _tail(self, root: int) -> list[int]:

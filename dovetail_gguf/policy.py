@@ -63,9 +63,13 @@ class TreePolicy:
         """Tokens a round with a tree of ``depth`` levels emits on average (the bonus token included)."""
         return float(self._reach[: depth + 1].sum())
 
+    def draft_ms(self, depth):
+        """Drafting ``depth`` levels (a number or an array), as estimated so far."""
+        return self.draft_ms_fixed + self.draft_ms_per_depth * depth
+
     def round_ms(self, depth, tokens):
         """Drafting ``depth`` levels and verifying ``tokens`` draft nodes plus the root (numbers or arrays)."""
-        return self.draft_ms_fixed + self.draft_ms_per_depth * depth + self.verify_cost(tokens + 1)
+        return self.draft_ms(depth) + self.verify_cost(tokens + 1)
 
     def speed(self, depth, tokens):
         """Expected tokens per ms of a tree (numbers or arrays)."""
