@@ -167,7 +167,7 @@ SPEED_RATE = 0.25  # how fast the machine-speed estimate follows a decode's timi
 SHAPE_RATE = 0.1  # how fast a size's ratio t(k) / t(1) follows its timings
 OUTLIER = 1.5  # one timing moves an estimate as if it were at most this far from it (or its inverse)
 STALE_AFTER_DECODES = 128  # a size no decode has timed for this many decodes is priced lower (below)
-STALE_DISCOUNT = 0.75  # ... by this factor, twice at most (after 1 and 2 x STALE_AFTER_DECODES)
+STALE_DISCOUNT = 0.75  # ... by this factor, once (a trial then costs at most 1 / 0.75 of its price)
 MAX_RATIO_PER_ROW = 1.5  # t(k) / t(1) above 1.5 k: timed under load (k decodes of one row cost k t(1))
 
 
@@ -180,8 +180,8 @@ class CostModel:
     its moment. A size timed only during a slow spell is then not overpriced after it, and one
     outlier moves a ratio little (a timing counts as at most ``OUTLIER`` times off). A size the
     planner stopped using because it was timed high is priced ``STALE_DISCOUNT`` lower after
-    ``STALE_AFTER_DECODES`` decodes without a timing, and again after twice as many, so it is
-    tried again once it might pay, at a price never far below its last timing.
+    ``STALE_AFTER_DECODES`` decodes without a timing, once, so it is tried again where it might
+    pay, at a price never far below its last timing.
 
     Calibrate: with nothing cached, the first rounds verify ``CALIBRATION_SIZES`` rows in
     turn and are timed (see the engine's calibration round). Refine: every later decode
@@ -230,9 +230,8 @@ class CostModel:
     def _refresh(self) -> None:
         """``table`` (in place: the tree policy holds it) from the speed and each size's ratio."""
         for k, r in self.shape.items():
-            age = min(2, self._age(k))
-            if age:  # not timed for long: lower, toward the optimistic guess
-                r = max(r * STALE_DISCOUNT ** age, 1.0 + EXPLORE_ROW_COST * (k - 1))
+            if self._age(k):  # not timed for long: lower, but not below the optimistic guess
+                r = max(r * STALE_DISCOUNT, 1.0 + EXPLORE_ROW_COST * (k - 1))
             self.table[k] = self.speed * r
 
     def _age(self, k: int) -> int:

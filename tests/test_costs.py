@@ -50,15 +50,15 @@ def test_one_outlier_moves_the_ratios_little():
 
 def test_a_size_not_timed_for_a_while_is_priced_lower_until_it_is_timed_again():
     """A cached t(2) timed under load (2.8 x t(1)) would keep every two-row round out, and so never
-    be timed again: while no decode times it, it is priced a quarter lower after
-    STALE_AFTER_DECODES decodes and again after twice as many, no further (a trial is then never
-    far dearer than expected), and the next timing replaces it."""
+    be timed again: once no decode has timed it for STALE_AFTER_DECODES decodes, it is priced a
+    quarter lower, no further (a trial is then never far dearer than expected), and the next
+    timing replaces it."""
     m = model({1: 10.0, 2: 28.0, 4: 25.0})
     assert m.verify_ms(2) == pytest.approx(28.0)
     feed(m, 1, 10.0, STALE_AFTER_DECODES)
     assert m.verify_ms(2) == pytest.approx(28.0 * 0.75)
     feed(m, 1, 10.0, 3 * STALE_AFTER_DECODES)
-    assert m.verify_ms(2) == pytest.approx(28.0 * 0.75 ** 2)
+    assert m.verify_ms(2) == pytest.approx(28.0 * 0.75)
     feed(m, 2, 16.0)
     assert m.verify_ms(2) == pytest.approx(16.0, rel=0.05)
 
