@@ -395,7 +395,7 @@ def llama_quantize(src_gguf: Path, out: Path, outtype: str, threads: int = 0, al
     from dovetail_gguf.llama_runtime import init_backend
 
     init_backend()
-    ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    ftype = {"q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
              "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}[outtype]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

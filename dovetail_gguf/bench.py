@@ -189,7 +189,7 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
               device: str = "auto", tree=None, n_ctx: int = 2048, systems=(PLAIN, LOOKUP, DOVETAIL),
               draft_dtype: str = "auto",
               progress: bool = True, adaptive: bool = True, chat: bool = False, ngram: bool | None = None,
-              kernels: str = "invariant", repeats: int = 1) -> dict:
+              kernels: str = "invariant", repeats: int = 1, repack: bool | None = None) -> dict:
     """Run every system on every prompt, interleaved; returns the raw records and the summary.
 
     ``chat``: each prompt is sent as a user message, rendered with the model's chat template.
@@ -198,6 +198,8 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     plain-fast is plain decoding with llama.cpp's own choice. llama.cpp reads its switches once per
     process, so every system here runs with the ones ``kernels`` sets (plain-fast and llama-cpp-python
     too: in stock llama.cpp a lone row's attention would also split across threads past 512 cells).
+    ``repack``: llama.cpp's repacked weight layouts for plain and the speculative systems (None: the
+    target's default, dovetail_gguf.target.default_extra_buffers).
     Every system gets the same prompt tokens and is timed from its first new token on
     (prefill excluded for all; the engine's one-time cost measurement is counted).
     ``repeats``: each system runs each prompt this many times, interleaved, and the fastest run
@@ -217,7 +219,7 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     if unknown or PLAIN not in systems:
         raise InvalidArgumentError(f"systems are {', '.join(SYSTEMS)} ({PLAIN} required); got {', '.join(systems)}")
     threads = threads or physical_cores()
-    tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads, kernels=kernels)
+    tcfg = TargetConfig(n_ctx=n_ctx, n_threads=threads, kernels=kernels, use_extra_buffers=repack)
     plain = Dovetail(target_path, False, target_config=tcfg)  # first: its kernel switches hold for the process
     engines = {PLAIN: plain}
     if PLAIN_FAST in systems:
@@ -284,6 +286,7 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         "tree": vars(dovetail.engine.tree) if dovetail else None, "adaptive": adaptive,
         "draft_dtype": str(dovetail.drafter.dtype).removeprefix("torch.") if dovetail else None,
         "verify_ms": verify_ms, "kernels": kernels, "kernel_env": plain.target.kernel_env,
+        "repacked": plain.target.extra_buffers,
         "invariance": plain.target.invariance.describe() if plain.target.invariance else None},
         "replay_bound": {str(i): v for i, v in replay.items()},
         "records": [vars(r) for r in records],

@@ -164,10 +164,12 @@ def cached(path, n_threads: int) -> Invariance | None:
 
     from .costs import cost_key
     from .kernels import effective_environment, kernel_mode
-    from .target import TargetConfig
+    from .gguf_io import read_facts
+    from .target import TargetConfig, default_extra_buffers
 
     mode = kernel_mode("invariant")
-    stand_in = SimpleNamespace(path=path, n_threads=n_threads, extra_buffers=False, config=TargetConfig(),
+    extra = default_extra_buffers(read_facts(path), mode)
+    stand_in = SimpleNamespace(path=path, n_threads=n_threads, extra_buffers=extra, config=TargetConfig(),
                                kernels=mode, kernel_env=effective_environment(mode))
     return _read_cached(cost_key(stand_in) + "/invariance")
 

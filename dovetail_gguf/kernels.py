@@ -15,10 +15,11 @@ and a near-tie of the top two logits flips: greedy output with a draft then diff
 output without one, and the same request can get two answers as the engine's learned tree sizes
 change.
 
-``invariant`` (the default) removes every one of those switches below 64 rows: no repacked
-layouts, the tiled matmul from 64 rows only, a lone row's attention unsplit (the last two need
-``patches/llama-cpp-batch-invariant.patch``, which ``setup.sh`` applies; without it the tiled
-matmul is off and a lone row carries a throw-away second row). Trees stay below 64 rows, so every
+``invariant`` (the default) removes every one of those switches below 64 rows: the tiled matmul
+from 64 rows only, a lone row's attention unsplit, and repacked layouts only for the types whose
+GEMV and GEMM compute a row alike (all three need ``patches/llama-cpp-batch-invariant.patch``, which
+``setup.sh`` applies; without it there are no repacked layouts, the tiled matmul is off and a lone
+row carries a throw-away second row). Trees stay below 64 rows, so every
 generated token is computed by one set of kernels. Prompt batches of 64+ rows keep the fast tiled
 kernels: a prompt position then has one of two *row classes* (computed in a batch of 64+ rows or
 not), and the engine reuses a cached prefix only where a cold prefill would give it the same class.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +41,12 @@ log = logging.getLogger(__name__)
 
 TILE_ROWS = 64  # from this many rows on, llama.cpp's tiled attention (GGML_FA_TILE_Q) and, patched, tiled matmul
 PATCH_MARK = b"GGML_CPU_TILED_MM_MIN_ROWS"  # a string only the patched libggml-cpu holds
+REPACK_MARK = b"GGML_DOVETAIL_REPACK_K_AGREES"  # ... and only a patch whose repacked K-quant GEMVs agree with the GEMMs
+# weight types llama.cpp repacks on x86 (ggml-cpu/repack.cpp; Q2_K with AVX-512 only), and those whose
+# repacked GEMV and GEMM compute a row alike in the patched build: Q4_0 and IQ4_NL as shipped, Q4_K
+# and Q2_K through the patch. MXFP4 is repacked too, with kernels not checked here.
+REPACKED_X86 = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "Q2_K", "MXFP4"})
+REPACK_AGREES_X86 = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "Q2_K"})
 
 
 @dataclass(frozen=True)
@@ -65,19 +73,37 @@ def kernel_mode(name: str) -> KernelMode:
         raise InvalidArgumentError(f"unknown kernel setting {name!r}; one of {', '.join(KERNEL_MODES)}") from None
 
 
-@lru_cache(maxsize=1)
-def llama_cpp_patched() -> bool:
-    """Whether the loaded llama.cpp carries patches/llama-cpp-batch-invariant.patch."""
+@lru_cache(maxsize=None)
+def _cpu_library_holds(mark: bytes) -> bool:
     import llama_cpp
 
     lib = Path(llama_cpp.__file__).parent / "lib"
     for so in sorted(lib.glob("libggml-cpu*.so*")):
         try:
-            if PATCH_MARK in so.read_bytes():
+            if mark in so.read_bytes():
                 return True
         except OSError:
             continue
     return False
+
+
+def llama_cpp_patched() -> bool:
+    """Whether the loaded llama.cpp carries patches/llama-cpp-batch-invariant.patch."""
+    return _cpu_library_holds(PATCH_MARK)
+
+
+def repack_invariant(quant_types) -> bool:
+    """Whether the invariant kernels may load a file holding ``quant_types`` (GGUF type names) in
+    llama.cpp's repacked layouts: on x86, with the patch, when every type it would repack computes a
+    row alike in its GEMV and GEMM, and without llama.cpp's AMX kernels (which take other types, by
+    row count too). The invariance probe checks the result."""
+    from .llama_runtime import system_info
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_library_holds(REPACK_MARK):
+        return False
+    if "AMX_INT8 = 1" in system_info():
+        return False
+    return not (set(quant_types) & REPACKED_X86) - REPACK_AGREES_X86
 
 
 def environment(mode: KernelMode) -> dict[str, str]:

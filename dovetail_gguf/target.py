@@ -22,7 +22,8 @@ import numpy as np
 
 from .errors import ContextFullError, InvalidArgumentError, LlamaCallError
 from .gguf_io import ModelFacts, read_facts
-from .kernels import DEFAULT_KERNELS, TILE_ROWS, KernelMode, apply_environment, kernel_mode, llama_cpp_patched
+from .kernels import (DEFAULT_KERNELS, TILE_ROWS, KernelMode, apply_environment, kernel_mode, llama_cpp_patched,
+                      repack_invariant)
 from .llama_handles import Batch, LlamaContext, LlamaModel, Vocab
 from .llama_runtime import extra_buffers_safe, init_backend, physical_cores
 
@@ -43,7 +44,7 @@ class TargetConfig:
     n_ubatch: int = 512  # rows per compute step
     max_tree_nodes: int = 64
     max_tree_paths: int = 64  # leaves per tree; llama.cpp allows 255
-    use_extra_buffers: bool | None = None  # None: automatic (off for invariant kernels, and where AMX kernels crash)
+    use_extra_buffers: bool | None = None  # None: automatic (kernels.repack_invariant for invariant kernels; off where AMX kernels crash)
     # which llama.cpp kernels rows may run (dovetail_gguf.kernels): "invariant" computes a row bit for
     # bit the same in any batch, so speculation, predictions and the engine's learned state never
     # change an answer; "fast" lets llama.cpp pick per batch size, which flips near-ties
@@ -131,6 +132,14 @@ class TreeResult:
     layout: TreeLayout
 
 
+def default_extra_buffers(facts: ModelFacts, mode: KernelMode) -> bool:
+    """Whether a target of ``facts`` loads llama.cpp's repacked weight layouts when its config leaves it
+    open: with the fast kernels where llama.cpp's AMX kernels do not crash; with the invariant ones
+    also only where every repacked type computes a row alike in any batch (a stock build's repacked
+    Q4_K computes a row by its place in a block of 4)."""
+    return (not mode.invariant or repack_invariant(facts.quant_types)) and extra_buffers_safe(str(facts.path))
+
+
 class Target:
     """A GGUF model on the CPU: prefill, decode one token, verify a tree, commit a path.
 
@@ -163,8 +172,8 @@ class Target:
         init_backend()
         self._model = self._ctx = None
         use_extra = config.use_extra_buffers
-        if use_extra is None:  # invariant: stock repacked layouts compute a row by its place in a block of 4
-            use_extra = not mode.invariant and extra_buffers_safe(str(self.path))
+        if use_extra is None:
+            use_extra = default_extra_buffers(self.facts, mode)
         self._model = LlamaModel(self.facts, config.n_gpu_layers, use_extra)
         self.extra_buffers = self._model.extra_buffers
         self.vocab: Vocab = self._model.vocab
@@ -203,9 +212,9 @@ class Target:
         self.n_past = 0
         self._pending: TreeLayout | None = None
         log.info(
-            "target %s: %s, n_embd %d, %d layers, vocab %d, n_ctx %d, %d threads, %s kernels",
+            "target %s: %s, n_embd %d, %d layers, vocab %d, n_ctx %d, %d threads, %s kernels%s",
             self.path.name, self.facts.architecture, self.n_embd, self.facts.n_layer,
-            self.n_vocab, self.n_ctx, self.n_threads, mode.name,
+            self.n_vocab, self.n_ctx, self.n_threads, mode.name, ", repacked layouts" if self.extra_buffers else "",
         )
         if mode.invariant:
             from .invariance import apply, load_or_probe

@@ -32,8 +32,9 @@ def target(smollm2_path):
 
 
 @pytest.fixture(scope="session")
-def q4k_path(tmp_path_factory):
-    """A tiny LLaMA with random weights, Q4_K_M (Q4_K and Q6_K), made by llama.cpp's quantizer."""
+def random_llama(tmp_path_factory):
+    """random_llama(type): a tiny LLaMA with random weights quantized by llama.cpp's quantizer to
+    ``type`` (q4_k_m: Q4_K and Q6_K; q4_0), made once per type."""
     import importlib.util
     from pathlib import Path
 
@@ -41,7 +42,15 @@ def q4k_path(tmp_path_factory):
     spec = importlib.util.spec_from_file_location("random_target", tool)
     random_target = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(random_target)
-    return random_target.make(tmp_path_factory.mktemp("q4k") / "random-tiny-q4_k_m.gguf", "tiny", "q4_k_m")
+    made: dict[str, Path] = {}
+
+    def make(outtype: str) -> Path:
+        if outtype not in made:
+            out = tmp_path_factory.mktemp("random") / f"random-tiny-{outtype}.gguf"
+            made[outtype] = random_target.make(out, "tiny", outtype)
+        return made[outtype]
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,15 @@ import pytest
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
 from dovetail_gguf.costs import cost_key, read_entry
 from dovetail_gguf.engine import Engine, GenerateOptions
 from dovetail_gguf.invariance import Invariance
-from dovetail_gguf.kernels import llama_cpp_patched
+from dovetail_gguf.gguf_io import read_facts
+from dovetail_gguf.kernels import llama_cpp_patched, repack_invariant
 from dovetail_gguf.target import Target, TargetConfig
 from dovetail_gguf.types import DraftTree, TreeConfig
 
@@ -65,7 +67,7 @@ def test_speculation_equals_plain_decoding(model, request, tmp_path, monkeypatch
     path = request.getfixturevalue({"smollm2": "smollm2_path", "qwen": "qwen_path", "gemma": "gemma_path"}[model])
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))  # probe afresh (after the model is assembled)
     with Target(path, TargetConfig(n_ctx=512, n_threads=2)) as t:
-        assert not t.extra_buffers
+        assert t.extra_buffers == repack_invariant(t.facts.quant_types)  # Qwen's Q4_K weights repacked, patched
         for text in PROMPTS:
             prompt = t.tokenize(text)
             ref = generate(Engine(t), prompt, 40)
@@ -175,21 +177,42 @@ def rows_against_one_token_decodes(t: Target, filled: int, sizes, rng) -> dict[i
     return differ
 
 
-@pytest.mark.xfail(strict=True, reason="llama.cpp's repacked Q4_K GEMV and GEMM accumulate differently")
-def test_repacked_q4_k_rows_equal_one_token_decodes(q4k_path, tmp_path, monkeypatch):
-    """Q4_K weights in llama.cpp's repacked layout (the "extra buffer types", 4x faster batches on
-    x86): a batch runs a GEMM over blocks of 4 rows and a GEMV over the rest, and the patch makes
-    the two accumulate alike, so every row of a chain of 1 to 63 equals a one-token decode, at a
-    short context and past 512 cells. Stock llama.cpp's GEMV adds one product per 256 weights and
-    its GEMM one per 64: rows then depend on the batch size."""
+@pytest.mark.parametrize("outtype,repacked", [("q4_k_m", "Q4_K"), ("q4_0", "Q4_0"), ("q2_k", "Q2_K")])
+def test_repacked_rows_equal_one_token_decodes(random_llama, outtype, repacked, tmp_path, monkeypatch):
+    """Weights in llama.cpp's repacked layouts (its "extra buffer types": on x86 Q4_0, IQ4_NL, Q4_K)
+    run a GEMM over each block of 4 rows of a batch and a GEMV over the rest. With the patch the two
+    compute a row alike, so the invariant kernels load them repacked and every row of a chain of 1 to
+    63 equals a one-token decode, at a short context and past 512 cells; the engine's probe agrees.
+    Stock llama.cpp's Q4_K GEMV adds one product per 256 weights and its GEMM one per 64: there a
+    chain of 4+ rows differs."""
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
-    with Target(q4k_path, TargetConfig(n_ctx=1024, n_threads=2, use_extra_buffers=True)) as t:
-        assert t.extra_buffers
+    path = random_llama(outtype)
+    assert repacked in read_facts(path).quant_types
+    with Target(path, TargetConfig(n_ctx=1024, n_threads=2)) as t:
+        assert t.extra_buffers == repack_invariant(read_facts(path).quant_types)
+        if not t.extra_buffers:
+            pytest.skip("this llama.cpp build or CPU takes no repacked layouts in the invariant kernels")
         probed, t.max_tree_nodes = t.invariance.tree_rows, max(KERNEL_EDGES)  # measure every size here
         for filled in (20, 600):
             differ = rows_against_one_token_decodes(t, filled, KERNEL_EDGES, np.random.default_rng(filled))
             assert differ == {k: 0 for k in KERNEL_EDGES}, f"rows differing per batch size after {filled} cells"
-        assert probed == max(KERNEL_EDGES)  # and the engine's own probe lets trees use every size
+        assert probed == max(KERNEL_EDGES)  # the engine's own probe lets trees use every size
+
+
+def test_repacked_layouts_only_for_types_whose_kernels_agree():
+    """The invariant kernels keep llama.cpp's repacked layouts only where every repacked type's GEMV
+    and GEMM agree (patched build, x86, no AMX kernels): not for a file with MXFP4 weights."""
+    from dovetail_gguf.kernels import REPACK_MARK, _cpu_library_holds
+    from dovetail_gguf.llama_runtime import system_info
+
+    if not _cpu_library_holds(REPACK_MARK) or platform.machine().lower() not in ("x86_64", "amd64") \
+            or "AMX_INT8 = 1" in system_info():
+        assert not repack_invariant({"Q4_K": 1})
+        return
+    assert repack_invariant({"Q4_K": 169, "Q6_K": 29, "F32": 57})  # a Q4_K_M file
+    assert repack_invariant({"Q5_0": 133, "Q8_0": 13})  # nothing repacked: harmless
+    assert repack_invariant({"Q2_K": 100, "Q4_0": 3, "IQ4_NL": 1})
+    assert not repack_invariant({"Q4_K": 100, "MXFP4": 24})
 
 
 _SPLIT_KV_CHILD = r"""
