@@ -75,7 +75,7 @@ def target_options(f):
                      help="Load Q4_0, Q4_K, IQ4_NL and Q2_K weights in llama.cpp's repacked layouts (x86). "
                           "Default: on, as llama.cpp does, where they are batch-invariant (setup.sh's patched "
                           "build). Measured on a 1.5B Q4_K_M shape, 2 threads, Intel Xeon: draft trees of 4-32 rows "
-                          "1.5-1.9x faster, one-token decodes alike, but prompts 1.8x slower (docs/performance.md).")(f)
+                          "about twice as fast, one-token decodes alike, prompts 1.2-1.8x slower (docs/usage.md).")(f)
     return f
 
 
