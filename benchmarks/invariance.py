@@ -33,7 +33,7 @@ COST_SIZES = (1, 2, 4, 8, 16, 32, 63, 64)
 LAYOUTS = {"": None, "repack": True, "no-repack": False}
 
 
-def run_one(target_name: str | None, threads: int, setting: str, sizes, contexts) -> dict:
+def run_one(target_name: str | None, threads: int, setting: str, sizes, contexts, reps: int = 12) -> dict:
     from dovetail_gguf.kernels import KERNEL_MODES, apply_environment
 
     kernels, _, layout = setting.partition("+")
@@ -91,7 +91,7 @@ def run_one(target_name: str | None, threads: int, setting: str, sizes, contexts
     t.max_tree_nodes = max(COST_SIZES)
     for k in COST_SIZES:
         best = []
-        for _ in range(12):
+        for _ in range(reps):
             toks = rng.integers(100, t.n_vocab, size=k).astype(np.int32)
             t0 = time.perf_counter()
             if k == 1:
@@ -121,19 +121,23 @@ def main() -> None:
     ap.add_argument("--kernels", action="append", help="kernel settings to probe, MODE[+repack|+no-repack] "
                                                        "(default: every mode, with its own layout choice)")
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="chain sizes compared with one-token decodes")
+    ap.add_argument("--reps", type=int, default=12, help="timings per t(k), median reported")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
+    sizes = [int(k) for k in args.sizes.split(",")]
     if args.child:
-        print("RESULT " + json.dumps(run_one(args.target, args.threads, args.kernels[0], SIZES, contexts)))
+        print("RESULT " + json.dumps(run_one(args.target, args.threads, args.kernels[0], sizes, contexts, args.reps)))
         return
     from dovetail_gguf.kernels import KERNEL_MODES
 
     results = []
     for mode in args.kernels or list(KERNEL_MODES):
         cmd = [sys.executable, __file__, "--child", "--kernels", mode, "--threads", str(args.threads),
-               "--contexts", args.contexts] + (["--target", args.target] if args.target else [])
+               "--contexts", args.contexts, "--sizes", args.sizes, "--reps", str(args.reps)] + \
+            (["--target", args.target] if args.target else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         sys.stderr.write("".join(l + "\n" for l in proc.stdout.splitlines() if not l.startswith("RESULT ")))
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)

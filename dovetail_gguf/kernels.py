@@ -6,7 +6,8 @@ rows in the batch:
 
 - matmul: a lone row runs ``vec_dot``; 2+ rows of Q4_0/Q5_0/Q8_0/IQ4_NL weights llamafile's tinyBLAS;
   8+ rows of K-quant weights the tiled matmul; weights in a repacked layout (the "extra buffer
-  types": Q4_0, Q4_K, IQ4_NL on x86) a GEMV per row below a block of 4 rows and a GEMM per block;
+  types": Q4_0, Q4_K, IQ4_NL on x86, Q2_K with AVX-512) a GEMV per row below a block of 4 rows and a
+  GEMM per block;
 - attention: a lone row is split across threads along the KV cache past 512 cells (256 in use,
   the cache is padded); 64+ query rows are tiled.
 
@@ -19,8 +20,8 @@ change.
 from 64 rows only, a lone row's attention unsplit, and repacked layouts only for the types whose
 GEMV and GEMM compute a row alike (all three need ``patches/llama-cpp-batch-invariant.patch``, which
 ``setup.sh`` applies; without it there are no repacked layouts, the tiled matmul is off and a lone
-row carries a throw-away second row). Trees stay below 64 rows, so every
-generated token is computed by one set of kernels. Prompt batches of 64+ rows keep the fast tiled
+row carries a throw-away second row). Trees stay below 64 rows, so every generated token is
+computed by one set of kernels. Prompt batches of 64+ rows keep the fast tiled
 kernels: a prompt position then has one of two *row classes* (computed in a batch of 64+ rows or
 not), and the engine reuses a cached prefix only where a cold prefill would give it the same class.
 :mod:`dovetail_gguf.invariance` checks all of it once per machine, file and thread count.
