@@ -269,7 +269,7 @@ def info(gguf: str) -> None:
     from .llama_runtime import physical_cores
 
     threads = physical_cores()
-    found = cached(f.path, threads)
+    found = cached(f, threads)
     rows.append(("kernels", f"{found.describe()} ({threads} threads)" if found else
                  f"not probed here yet for {threads} threads (the first load probes them, once)"))
     for k, v in rows:

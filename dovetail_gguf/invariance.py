@@ -157,19 +157,18 @@ def load_or_probe(target) -> Invariance:
     return found
 
 
-def cached(path, n_threads: int) -> Invariance | None:
-    """The cached probe result for a file loaded with the default (invariant) kernels and
-    ``n_threads`` threads in a new process here, or None (not probed yet)."""
+def cached(facts, n_threads: int) -> Invariance | None:
+    """The cached probe result for a file (its ``read_facts``) loaded with the default (invariant)
+    kernels and ``n_threads`` threads in a new process here, or None (not probed yet)."""
     from types import SimpleNamespace
 
     from .costs import cost_key
     from .kernels import effective_environment, kernel_mode
-    from .gguf_io import read_facts
     from .target import TargetConfig, default_extra_buffers
 
     mode = kernel_mode("invariant")
-    extra = default_extra_buffers(read_facts(path), mode)
-    stand_in = SimpleNamespace(path=path, n_threads=n_threads, extra_buffers=extra, config=TargetConfig(),
+    extra = default_extra_buffers(facts, mode)
+    stand_in = SimpleNamespace(path=facts.path, n_threads=n_threads, extra_buffers=extra, config=TargetConfig(),
                                kernels=mode, kernel_env=effective_environment(mode))
     return _read_cached(cost_key(stand_in) + "/invariance")
 

@@ -98,11 +98,11 @@ def repack_invariant(quant_types) -> bool:
     llama.cpp's repacked layouts: on x86, with the patch, when every type it would repack computes a
     row alike in its GEMV and GEMM, and without llama.cpp's AMX kernels (which take other types, by
     row count too). The invariance probe checks the result."""
-    from .llama_runtime import system_info
+    from .llama_runtime import amx_kernels_built
 
     if platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_library_holds(REPACK_MARK):
         return False
-    if "AMX_INT8 = 1" in system_info():
+    if amx_kernels_built():
         return False
     return not (set(quant_types) & REPACKED_X86) - REPACK_AGREES_X86
 

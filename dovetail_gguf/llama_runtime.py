@@ -123,7 +123,7 @@ def extra_buffers_safe(model_path: str) -> bool:
     the model with default settings and decodes a few tokens; it is cached per
     llama.cpp build in ~/.cache/dovetail-gguf.
     """
-    if not cpu_has_amx() or "AMX_INT8 = 1" not in system_info():
+    if not cpu_has_amx() or not amx_kernels_built():
         return True  # no AMX here, or llama.cpp was built without its AMX kernels
     override = os.environ.get("DOVETAIL_EXTRA_BUFTS")
     if override in ("0", "1"):
@@ -154,6 +154,11 @@ def extra_buffers_safe(model_path: str) -> bool:
     except OSError:
         pass
     return safe
+
+
+def amx_kernels_built() -> bool:
+    """Whether this llama.cpp was compiled with its AMX kernels (an extra buffer type of their own)."""
+    return "AMX_INT8 = 1" in system_info()
 
 
 def system_info() -> str:

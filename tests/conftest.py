@@ -34,7 +34,7 @@ def target(smollm2_path):
 @pytest.fixture(scope="session")
 def random_llama(tmp_path_factory):
     """random_llama(type): a tiny LLaMA with random weights quantized by llama.cpp's quantizer to
-    ``type`` (q4_k_m: Q4_K and Q6_K; q4_0), made once per type."""
+    ``type`` (q4_k_m: Q4_K and Q6_K; q4_0; q2_k), made once per type."""
     import importlib.util
     from pathlib import Path
 

@@ -129,36 +129,6 @@ def test_one_token_decodes_equal_tree_rows_at_any_context_length(model, request)
         t.reset()
 
 
-# tree sizes either side of llama.cpp's row blocks (repack's 4, the tiled matmul's 8, tinyBLAS tiles)
-# up to the largest tree the invariant kernels allow (TILE_ROWS - 1); every size costs minutes here
-KERNEL_EDGES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model,sizes,contexts", [("smollm2", KERNEL_EDGES, (600, 1100)), ("qwen", KERNEL_EDGES, (1100,))])
-def test_a_tree_of_any_size_computes_each_row_as_a_one_token_decode_past_512_and_1024_cells(model, sizes, contexts,
-                                                                                            request):
-    """A chain of k rows verified in one batch, k from 1 to 63, against the same tokens decoded one at
-    a time, past 512 and 1,024 committed cells: bit-equal row for row. Qwen's Q4_K/Q6_K weights take
-    llama.cpp's tiled K-quant matmul from 8 rows in a stock build (fails here with
-    GGML_CPU_TILED_MM_MIN_ROWS=8); SmolLM2 is Q4_1 (tinyBLAS from 2 rows)."""
-    path = request.getfixturevalue({"smollm2": "smollm2_path", "qwen": "qwen_path"}[model])
-    rng = np.random.default_rng(11)
-    with Target(path, TargetConfig(n_ctx=2048, n_threads=2)) as t:
-        assert t.max_tree_nodes == max(sizes)
-        for filled in contexts:
-            t.reset()
-            t.prefill(rng.integers(100, 5000, size=filled).astype(np.int32), outputs=False)
-            tokens = rng.integers(100, 5000, size=max(sizes)).astype(np.int32)
-            one_by_one = np.stack([t.decode_one(int(tok))[0].copy() for tok in tokens])
-            t.truncate(filled)
-            for k in sizes:
-                rows = t.verify_tree(tokens[:k], np.arange(-1, k - 1)).logits.copy()
-                t.truncate(filled)
-                np.testing.assert_array_equal(rows, one_by_one[:k], err_msg=f"{k} rows after {filled} cells")
-        t.reset()
-
-
 def rows_against_one_token_decodes(t: Target, filled: int, sizes, rng) -> dict[int, int]:
     """Verify chains of each size in ``sizes`` after ``filled`` random committed tokens; per size, how
     many of its rows differ from the same tokens decoded one at a time (0: bit-equal)."""
@@ -177,9 +147,32 @@ def rows_against_one_token_decodes(t: Target, filled: int, sizes, rng) -> dict[i
     return differ
 
 
+# tree sizes either side of llama.cpp's row blocks (repack's 4, the tiled matmul's 8, tinyBLAS tiles)
+# up to the largest tree the invariant kernels allow (TILE_ROWS - 1); every size costs minutes here
+KERNEL_EDGES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,sizes,contexts", [("smollm2", KERNEL_EDGES, (600, 1100)), ("qwen", KERNEL_EDGES, (1100,))])
+def test_a_tree_of_any_size_computes_each_row_as_a_one_token_decode_past_512_and_1024_cells(model, sizes, contexts,
+                                                                                            request):
+    """A chain of k rows verified in one batch, k from 1 to 63, against the same tokens decoded one at
+    a time, past 512 and 1,024 committed cells: bit-equal row for row. Qwen's Q4_K/Q6_K weights take
+    llama.cpp's tiled K-quant matmul from 8 rows in a stock build (fails here with
+    GGML_CPU_TILED_MM_MIN_ROWS=8); SmolLM2 is Q4_1 (tinyBLAS from 2 rows)."""
+    path = request.getfixturevalue({"smollm2": "smollm2_path", "qwen": "qwen_path"}[model])
+    rng = np.random.default_rng(11)
+    with Target(path, TargetConfig(n_ctx=2048, n_threads=2)) as t:
+        assert t.max_tree_nodes == max(sizes)
+        for filled in contexts:
+            differ = rows_against_one_token_decodes(t, filled, sizes, rng)
+            assert differ == {k: 0 for k in sizes}, f"rows differing per batch size after {filled} cells"
+
+
 @pytest.mark.parametrize("outtype,repacked", [("q4_k_m", "Q4_K"), ("q4_0", "Q4_0"), ("q2_k", "Q2_K")])
 def test_repacked_rows_equal_one_token_decodes(random_llama, outtype, repacked, tmp_path, monkeypatch):
-    """Weights in llama.cpp's repacked layouts (its "extra buffer types": on x86 Q4_0, IQ4_NL, Q4_K)
+    """Weights in llama.cpp's repacked layouts (its "extra buffer types": on x86 Q4_0, IQ4_NL, Q4_K;
+    Q2_K with AVX-512)
     run a GEMM over each block of 4 rows of a batch and a GEMV over the rest. With the patch the two
     compute a row alike, so the invariant kernels load them repacked and every row of a chain of 1 to
     63 equals a one-token decode, at a short context and past 512 cells; the engine's probe agrees.
