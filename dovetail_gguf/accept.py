@@ -35,12 +35,10 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 
-TOP_LOGPROBS_MAX = 20  # as OpenAI's API
-
-
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings, with llama.cpp's meanings. temperature 0 means greedy (argmax)."""
+    """The sampler's settings, with llama.cpp's meanings (temperature 0: greedy). Built from a checked
+    :class:`~dovetail_gguf.options.GenerateOptions` (its ``sampling()``); the bounds live there."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -52,29 +50,6 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from the logit of every recent token
     frequency_penalty: float = 0.0  # subtracted per occurrence
     logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit
-
-    def validate(self, n_vocab: int | None = None) -> None:
-        if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
-            raise InvalidArgumentError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidArgumentError(f"top_k must be >= 0, got {self.top_k}")
-        if not (0.0 <= self.min_p <= 1.0):
-            raise InvalidArgumentError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not (0.0 < self.repeat_penalty <= 10.0):
-            raise InvalidArgumentError(f"repeat_penalty must be in (0, 10], got {self.repeat_penalty}")
-        if self.repeat_last_n < -1:
-            raise InvalidArgumentError(f"repeat_last_n must be >= -1, got {self.repeat_last_n}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not (-2.0 <= v <= 2.0):  # OpenAI's range
-                raise InvalidArgumentError(f"{name} must be in [-2, 2], got {v}")
-        for tok, bias in self.logit_bias.items():
-            if n_vocab is not None and not 0 <= int(tok) < n_vocab:
-                raise InvalidArgumentError(f"logit_bias: token id {tok} is outside 0..{n_vocab - 1}")
-            if not (-100.0 <= bias <= 100.0):  # OpenAI's range
-                raise InvalidArgumentError(f"logit_bias: the bias of token {tok} must be in [-100, 100], got {bias}")
 
     @property
     def greedy(self) -> bool:

@@ -15,15 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Sequence
 
-from .accept import SamplingParams
 from .chat import Message, chat_tokens
-from .engine import Engine, Generation
-from .types import GenerateOptions, GenerationResult, TreeConfig
+from .engine import Engine, Generation, Request
 from .errors import InvalidArgumentError
 from .models import default_draft_for, resolve_target
-from .structured import json_schema_grammar
+from .options import GenerateOptions
+from .types import GenerationResult, TreeConfig
 from .target import Target, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -106,56 +105,9 @@ class Dovetail:
         self.close()
 
     # ------------------------------------------------------------------ generation
-    @staticmethod
-    def options(
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        prediction: str | Sequence[int] | None = None,
-        *,
-        min_p: float = 0.0,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        logit_bias: Mapping[int, float] | None = None,
-        grammar: str | None = None,
-        json_schema: dict | str | None = None,
-        logprobs: int | None = None,
-    ) -> GenerateOptions:
-        """Generation settings, with llama.cpp's meanings and its order: logit bias, penalties,
-        top-k, top-p, min-p, then temperature (0: greedy).
-
-        ``prediction``: OpenAI's Predicted Outputs, text (or token ids) the answer is expected to
-        repeat (the file being edited, say); it speeds up the parts that match and never changes
-        the output. The result's stats count ``accepted_prediction_tokens`` and
-        ``rejected_prediction_tokens``. ``grammar``: GBNF text the output must match;
-        ``json_schema``: a JSON Schema it must validate against (one of the two). ``logprobs``:
-        record each token's log-probability and that many alternatives (0..20) in the result."""
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
-        if seed is not None and seed < 0:  # as in llama.cpp and OpenAI's API: a negative seed means a random one
-            seed = None
-        if grammar is not None and json_schema is not None:
-            raise InvalidArgumentError("give a grammar or a JSON schema, not both")
-        if json_schema is not None:
-            grammar = json_schema_grammar(json_schema)
-        bias = {}
-        for tok, value in (logit_bias or {}).items():
-            try:
-                bias[int(tok)] = float(value)
-            except (TypeError, ValueError):
-                raise InvalidArgumentError(f"logit_bias maps token ids to numbers, got {tok!r}: {value!r}") from None
-        params = SamplingParams(float(temperature), float(top_p), int(top_k), seed, float(min_p), float(repeat_penalty),
-                                int(repeat_last_n), float(presence_penalty), float(frequency_penalty), bias)
-        opts = GenerateOptions(max_tokens, params, stops, prediction, grammar, logprobs)
-        opts.validate()
-        return opts
-
+    # Keyword arguments of every generation method are GenerateOptions' fields (max_tokens,
+    # temperature, top_p, top_k, seed, stop, prediction, min_p, the penalties, logit_bias, grammar,
+    # json_schema, logprobs); or pass ``options=GenerateOptions(...)`` built once.
     def tokenize_prompt(self, prompt: str) -> list[int]:
         self._check_open()
         if not isinstance(prompt, str) or not prompt:
@@ -168,8 +120,21 @@ class Dovetail:
         self._check_open()
         return chat_tokens(self.target, messages, tools).tolist()
 
+    def prepare(self, prompt_tokens: Sequence[int], options: GenerateOptions | None = None, **kwargs) -> Request:
+        """Check a request against the loaded model without running it (see :meth:`Engine.prepare`):
+        ``options``, or keywords as in :class:`GenerateOptions`, not both. A prepared request runs once."""
+        self._check_open()
+        if options is not None and kwargs:
+            raise InvalidArgumentError(f"give options or keywords, not both (got {', '.join(kwargs)})")
+        if options is None:
+            try:
+                options = GenerateOptions(**kwargs)
+            except TypeError as e:  # an unknown keyword
+                raise InvalidArgumentError(str(e).replace("__init__()", "generation options")) from None
+        return self.engine.prepare(prompt_tokens, options)
+
     def generate(self, prompt: str, **kwargs) -> GenerationResult:
-        """Generate after ``prompt``; keyword arguments as in :meth:`options`."""
+        """Generate after ``prompt``; keyword arguments as in :class:`GenerateOptions` (or ``options=``)."""
         return self.generate_tokens(self.tokenize_prompt(prompt), **kwargs)
 
     def generate_tokens(self, prompt_tokens: Sequence[int], **kwargs) -> GenerationResult:
@@ -183,8 +148,12 @@ class Dovetail:
         return self.stream_tokens(self.tokenize_prompt(prompt), **kwargs)
 
     def stream_tokens(self, prompt_tokens: Sequence[int], **kwargs) -> "Stream":
+        return Stream(self, self.prepare(prompt_tokens, **kwargs))
+
+    def stream_request(self, request: Request) -> "Stream":
+        """Run a request :meth:`prepare` checked (the server checks before queueing, runs later)."""
         self._check_open()
-        return Stream(self, prompt_tokens, self.options(**kwargs))
+        return Stream(self, request)
 
     def chat(self, messages: Iterable[Message], stream: bool = False, **kwargs):
         """Answer the last message of a chat; returns a result, or a :class:`Stream` if ``stream``."""
@@ -198,16 +167,14 @@ class Stream:
     The engine is held from the first piece until the stream ends or is closed.
     """
 
-    def __init__(self, owner: Dovetail, prompt_tokens: Sequence[int], options: GenerateOptions):
-        owner.engine.check_prompt(prompt_tokens)  # fail now, not at the first piece
-        owner.engine.check_options(options)
+    def __init__(self, owner: Dovetail, request: Request):
         self.result: GenerationResult | None = None
-        self._it = self._iterate(owner, prompt_tokens, options)
+        self._it = self._iterate(owner, request)
 
-    def _iterate(self, owner: Dovetail, prompt_tokens, options) -> Iterator[str]:
+    def _iterate(self, owner: Dovetail, request: Request) -> Iterator[str]:
         owner._acquire()
         try:
-            gen: Generation = owner.engine.start(prompt_tokens, options)
+            gen: Generation = owner.engine.start(request)
             try:
                 yield from gen
             finally:

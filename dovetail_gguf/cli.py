@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import DovetailError
+from .options import LIMITS
 from .train.config import TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()
@@ -94,36 +95,41 @@ def draft_options(f):
     f = click.option("--draft-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="The draft's weights: auto is bf16/fp16 on a GPU, fp32 on a CPU; "
                                              "bf16 makes a CPU draft step cheaper (it reads half the bytes).")(f)
-    f = click.option("--tree-tokens", type=click.IntRange(min=1, max=62), default=16, show_default=True, help="Draft tokens per tree (root not counted).")(f)
-    f = click.option("--tree-depth", type=click.IntRange(min=1, max=32), default=7, show_default=True, help="Maximum tree depth.")(f)
-    f = click.option("--tree-topk", type=click.IntRange(min=1, max=64), default=10, show_default=True, help="Children considered per expanded node.")(f)
+    f = _limited("tree_tokens", "--tree-tokens")(f)
+    f = _limited("tree_depth", "--tree-depth")(f)
+    f = _limited("tree_topk", "--tree-topk")(f)
     f = click.option("--fixed-tree", is_flag=True,
                      help="Always draft the full tree and verify every candidate. By default each round verifies "
                           "what measured costs and acceptance say pays, and plain decoding where nothing does.")(f)
     return f
 
 
+def _limited(name: str, *decls: str, help: str | None = None, **kw):
+    """A click option whose type, default and stated range are ``LIMITS[name]``'s; the value is checked
+    where GenerateOptions (or TreeConfig) is built, so the CLI's error is every surface's."""
+    lim = LIMITS[name]
+    text = f"{help or lim.help} Range: {lim.bounds()}."
+    return click.option(*decls, type=lim.kind, default=lim.default, show_default=lim.default is not None, help=text,
+                        **kw)
+
+
 def sampling_options(f):
-    f = click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Maximum new tokens.")(f)
-    f = click.option("--temperature", type=float, default=0.0, show_default=True,
-                     help="0 = greedy. Sampling applies llama.cpp's chain in its order: logit bias, penalties, "
-                          "top-k, top-p, min-p, then temperature.")(f)
-    f = click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus cut (at temperature 1).")(f)
-    f = click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = no top-k cut.")(f)
-    f = click.option("--min-p", type=float, default=0.0, show_default=True,
-                     help="Keep tokens at least this fraction as likely as the likeliest (0 = off).")(f)
-    f = click.option("--repeat-penalty", type=float, default=1.0, show_default=True,
-                     help="Penalise tokens of the last --repeat-last-n (1 = off).")(f)
-    f = click.option("--repeat-last-n", type=click.IntRange(min=-1), default=64, show_default=True,
-                     help="Recent tokens the penalties look at (0 = none, -1 = the whole context).")(f)
-    f = click.option("--presence-penalty", type=float, default=0.0, show_default=True,
-                     help="Subtracted once from the logit of every token of the last --repeat-last-n (-2..2).")(f)
-    f = click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
-                     help="Subtracted from a recent token's logit once per occurrence (-2..2).")(f)
+    f = _limited("max_tokens", "-n", "--max-tokens")(f)
+    f = _limited("temperature", "--temperature",
+                 help="0 = greedy. Sampling applies llama.cpp's chain in its order: logit bias, penalties, "
+                      "top-k, top-p, min-p, then temperature.")(f)
+    f = _limited("top_p", "--top-p")(f)
+    f = _limited("top_k", "--top-k")(f)
+    f = _limited("min_p", "--min-p")(f)
+    f = _limited("repeat_penalty", "--repeat-penalty", help="Penalise tokens of the last --repeat-last-n (1 = off).")(f)
+    f = _limited("repeat_last_n", "--repeat-last-n")(f)
+    f = _limited("presence_penalty", "--presence-penalty")(f)
+    f = _limited("frequency_penalty", "--frequency-penalty")(f)
     f = click.option("--logit-bias", multiple=True, metavar="TOKEN=BIAS",
-                     help="Add BIAS (-100..100) to token id TOKEN's logit (repeatable); -100 keeps it out.")(f)
-    f = click.option("--seed", type=int, default=None, help="Random seed for sampling (negative: a random seed).")(f)
-    f = click.option("--stop", multiple=True, help="Stop string (repeatable).")(f)
+                     help=f"Add BIAS ({LIMITS['logit_bias'].bounds()}) to token id TOKEN's logit (repeatable); "
+                          "-100 keeps it out.")(f)
+    f = click.option("--seed", type=int, default=None, help=LIMITS["seed"].help)(f)
+    f = click.option("--stop", multiple=True, help=f"Stop string (repeatable, at most {LIMITS['stop'].hi}).")(f)
     f = click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), default=None,
                      help="A GBNF grammar file (llama.cpp's format): the output matches it.")(f)
     f = click.option("--json-schema", default=None,
@@ -181,7 +187,9 @@ class DraftChoice:
     def tree(self):
         from .types import TreeConfig
 
-        return TreeConfig(self.tree_tokens, self.tree_depth, self.tree_topk)
+        tree = TreeConfig(self.tree_tokens, self.tree_depth, self.tree_topk)
+        tree.validate()  # the table's bounds before any model loads; the target's own at load
+        return tree
 
     @property
     def draft_arg(self):
@@ -210,8 +218,11 @@ class SamplingChoice:
     def take(cls, kw: dict) -> "SamplingChoice":
         return cls(*(kw.pop(f.name) for f in dataclasses.fields(cls)))
 
-    def kwargs(self) -> dict:
-        """Dovetail.options keyword arguments; unreadable files and malformed values raise DovetailError."""
+    def options(self, **extra) -> "GenerateOptions":
+        """The checked GenerateOptions of these flags (and ``extra`` fields); unreadable files and
+        values outside the options table raise DovetailError, before any model loads."""
+        from .options import GenerateOptions
+
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["stop"] = list(self.stop)
         out["logit_bias"] = dict(_bias_pair(item) for item in self.logit_bias)
@@ -220,7 +231,7 @@ class SamplingChoice:
         if self.json_schema is not None:
             text = self.json_schema
             out["json_schema"] = text if text.lstrip().startswith(("{", "true", "false")) else _read_text(text, "JSON schema")
-        return out
+        return GenerateOptions(**out, **extra)
 
 
 def _bias_pair(item: str) -> tuple[int, float]:
@@ -290,8 +301,9 @@ def info(gguf: str) -> None:
               help="Predicted output (OpenAI's Predicted Outputs): a text file the answer is expected to repeat, "
                    "e.g. the file being edited. Matching stretches are verified in long chains; the output is the "
                    "same with or without it.")
-@click.option("--logprobs", "top_logprobs", type=click.IntRange(0, 20), default=None,
-              help="With --json: each token's log-probability and this many likeliest alternatives.")
+@click.option("--logprobs", "top_logprobs", type=int, default=None,
+              help=f"With --json: each token's log-probability and this many likeliest alternatives "
+                   f"({LIMITS['logprobs'].bounds()}).")
 def generate(prompt: str | None, prompt_option: str | None, chat: bool, as_json: bool, prediction_file: str | None,
              top_logprobs: int | None, **kw) -> None:
     """Generate text after PROMPT or -p PROMPT ('-' reads it from stdin). Plain output streams as it is generated."""
@@ -301,16 +313,13 @@ def generate(prompt: str | None, prompt_option: str | None, chat: bool, as_json:
     if prompt == "-":  # bytes that are not UTF-8 become U+FFFD rather than a crash
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     prediction = _read_text(prediction_file, "prediction") if prediction_file is not None else None
+    if top_logprobs is not None and not as_json:
+        raise DovetailError("--logprobs needs --json (the log-probabilities are part of its output)")
+    options = SamplingChoice.take(kw).options(prediction=prediction, logprobs=top_logprobs)
     dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
-    skw = SamplingChoice.take(kw).kwargs()
-    skw["prediction"] = prediction
-    if top_logprobs is not None:
-        if not as_json:
-            raise DovetailError("--logprobs needs --json (the log-probabilities are part of its output)")
-        skw["logprobs"] = top_logprobs
     tokens = dt.chat_prompt_tokens([{"role": "user", "content": prompt}]) if chat else dt.tokenize_prompt(prompt)
     if as_json:
-        result = dt.generate_tokens(tokens, **skw)
+        result = dt.generate_tokens(tokens, options=options)
         out = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
                "stats": result.stats.to_dict()}
         if result.logprobs is not None:
@@ -318,7 +327,7 @@ def generate(prompt: str | None, prompt_option: str | None, chat: bool, as_json:
                                for r in result.logprobs]
         click.echo(json.dumps(out))
     else:
-        stream = dt.stream_tokens(tokens, **skw)
+        stream = dt.stream_tokens(tokens, options=options)
         for piece in stream:
             click.echo(piece, nl=False)
         click.echo()
@@ -345,8 +354,8 @@ def chat(system: str | None, **kw) -> None:
 
     Ctrl-C stops the current answer and keeps the session.
     """
+    options = SamplingChoice.take(kw).options()
     dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
-    skw = SamplingChoice.take(kw).kwargs()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     last = None
@@ -370,12 +379,12 @@ def chat(system: str | None, **kw) -> None:
             click.echo(json.dumps(last.stats.to_dict(), indent=1) if last else "(no answer yet)", err=True)
             continue
         try:  # a message that cannot be answered is refused; the session goes on
-            fitted = fit_history(dt, history + [{"role": "user", "content": line}], len(start), skw["max_tokens"])
+            fitted = fit_history(dt, history + [{"role": "user", "content": line}], len(start), options.max_tokens)
             if fitted is None:
                 raise DovetailError("that message alone does not fit the context; send a shorter one")
             if len(fitted) < len(history) + 1:
                 click.echo(f"(the oldest {(len(history) + 1 - len(fitted)) // 2} turn(s) left the context)", err=True)
-            stream = dt.chat(fitted, stream=True, **skw)
+            stream = dt.chat(fitted, stream=True, options=options)
         except DovetailError as e:
             click.echo(f"error: {e}", err=True)
             continue
@@ -472,7 +481,8 @@ def data_prompts(output, n_code, n_chat, n_doctest, n_requests, seed, force) -> 
 @click.option("-m", "--target", "target", type=click.Path(dir_okay=False), default=None, help="Target GGUF or model name (default: the default target).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=768, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy answers.")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help=f"0: greedy answers. Range: {LIMITS['temperature'].bounds()}.")
 @click.option("--batch-size", type=click.IntRange(1, 63), default=8, show_default=True, help="Sequences per llama_decode.")
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None)
 def data_generate(prompts, output, target, max_new_tokens, max_prompt_tokens, temperature, batch_size, threads) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -45,12 +46,25 @@ log = logging.getLogger(__name__)
 DRAFT_WINDOW = 256
 
 
+@dataclass
+class Request:
+    """One generation's inputs, checked against this model by :meth:`Engine.prepare`; runs once.
+
+    The options were checked when they were built; here only what needs the model is added."""
+
+    prompt: np.ndarray  # [n] int32, fits the context
+    options: GenerateOptions
+    prediction: np.ndarray  # [m] int32, the prediction's tokens (empty: none)
+    grammar: GrammarState | None  # parsed once; the sampler owns it from the start on
+    started: bool = False
+
+
 class Generation:
     """One generation in progress: iterate for text pieces; ``result`` is set once it ends."""
 
-    def __init__(self, engine: "Engine", prompt_tokens: np.ndarray, options: GenerateOptions):
+    def __init__(self, engine: "Engine", request: Request):
         self.result: GenerationResult | None = None
-        self._it = engine._generate(prompt_tokens, options, self)
+        self._it = engine._generate(request, self)
 
     def __iter__(self) -> Iterator[str]:
         return self._it
@@ -142,9 +156,10 @@ class Engine:
         return self.costs.table or None
 
     def check_prompt(self, prompt_tokens) -> np.ndarray:
-        """The prompt as int32 tokens; raises for an empty prompt or one that does not fit the context."""
-        prompt = np.ascontiguousarray(prompt_tokens, dtype=np.int32)
-        if prompt.ndim != 1 or prompt.size == 0:
+        """The prompt as int32 tokens; raises for an empty prompt, ids outside the vocabulary, or a
+        prompt that does not fit the context."""
+        prompt = self.target.vocab.check_ids(np.ascontiguousarray(prompt_tokens).reshape(-1), "prompt token ids")
+        if prompt.size == 0:
             raise InvalidArgumentError("the prompt is empty")
         if prompt.size >= self.target.n_ctx:
             raise ContextFullError(
@@ -153,11 +168,31 @@ class Engine:
             )
         return prompt
 
-    def start(self, prompt_tokens, options: GenerateOptions | None = None) -> Generation:
-        """Begin generating after ``prompt_tokens``; iterate the result for text pieces."""
-        options = options or GenerateOptions()
-        self.check_options(options)
-        return Generation(self, self.check_prompt(prompt_tokens), options)
+    def prepare(self, prompt_tokens: Sequence[int], options: GenerateOptions | None = None) -> Request:
+        """Check a request against this model, before it waits its turn: the prompt fits, token ids
+        (prompt, logit bias, prediction) are in the vocabulary, llama.cpp parses the grammar.
+        Raises a DovetailError otherwise. Safe to call while another generation runs."""
+        options = options if options is not None else GenerateOptions()
+        if not isinstance(options, GenerateOptions):
+            raise InvalidArgumentError(f"options must be GenerateOptions, got {type(options).__name__}")
+        prompt = self.check_prompt(prompt_tokens)
+        self.target.vocab.check_ids(np.fromiter(options.logit_bias, dtype=np.int64, count=len(options.logit_bias)),
+                                    "logit_bias token ids")
+        prediction = self._prediction_tokens(options.prediction)
+        grammar = GrammarState(self.target.vocab, options.gbnf) if options.gbnf is not None else None
+        return Request(prompt, options, prediction, grammar)
+
+    def start(self, request: Request | Sequence[int], options: GenerateOptions | None = None) -> Generation:
+        """Begin generating; iterate the result for text pieces. ``request``: a prepared one, or prompt
+        tokens to prepare with ``options``."""
+        if not isinstance(request, Request):
+            request = self.prepare(request, options)
+        elif options is not None:
+            raise InvalidArgumentError("a prepared request carries its options")
+        if request.started:
+            raise InvalidArgumentError("a prepared request runs once; prepare it again")
+        request.started = True
+        return Generation(self, request)
 
     # ------------------------------------------------------------------ phases
     def _prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, int]:
@@ -204,26 +239,17 @@ class Engine:
             self._hidden[prompt.size - 1] = hidden
         return logits.copy(), held
 
-    def check_options(self, options: GenerateOptions) -> None:
-        """Raise InvalidArgumentError for settings this target cannot honour: bad values, token ids
-        outside its vocabulary, a grammar llama.cpp cannot parse."""
-        options.validate(self.target.n_vocab)
-        if options.grammar is not None:
-            GrammarState(self.target.vocab, options.grammar).close()
+    def _sampler(self, request: Request) -> Sampler:
+        grammar, request.grammar = request.grammar, None  # the sampler owns and closes it
+        o = request.options
+        return Sampler(o.sampling(), request.prompt.tolist(), self.target.is_eog, grammar, o.logprobs)
 
-    def _sampler(self, prompt: np.ndarray, options: GenerateOptions) -> Sampler:
-        grammar = GrammarState(self.target.vocab, options.grammar) if options.grammar is not None else None
-        return Sampler(options.sampling, prompt.tolist(), self.target.is_eog, grammar, options.logprobs)
-
-    def _prediction_tokens(self, prediction) -> np.ndarray:
-        if prediction is None or isinstance(prediction, str) and not prediction:
+    def _prediction_tokens(self, prediction: str | tuple[int, ...] | None) -> np.ndarray:
+        if not prediction:
             return np.zeros(0, dtype=np.int32)
         if isinstance(prediction, str):
             return self.target.tokenize(prediction, add_special=False, parse_special=False)
-        tokens = np.asarray(prediction, dtype=np.int64)
-        if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() >= self.target.n_vocab)):
-            raise InvalidArgumentError(f"prediction token ids must be in 0..{self.target.n_vocab - 1}")
-        return tokens.astype(np.int32)
+        return self.target.vocab.check_ids(np.asarray(prediction, dtype=np.int64), "prediction token ids")
 
     def _start_sources(self, prompt: np.ndarray, prediction: np.ndarray) -> None:
         """The suffix index over the prompt (when the engine looks for repeats) and the prediction's proposer."""
@@ -312,18 +338,18 @@ class Engine:
         stats.verified_rows += plan.rows
         return pending, acc.path
 
-    def _generate(self, prompt: np.ndarray, options: GenerateOptions, handle: Generation) -> Iterator[str]:
+    def _generate(self, request: Request, handle: Generation) -> Iterator[str]:
         t = self.target
+        prompt, options = request.prompt, request.options
         stats = GenerationStats(n_prompt_tokens=int(prompt.size))
         sampler: Sampler | None = None
         out = _Output(t, options)
         t0 = time.perf_counter()
         try:
-            prediction = self._prediction_tokens(options.prediction)
-            sampler = self._sampler(prompt, options)
+            sampler = self._sampler(request)
             logits, self._draft_len = self._prefill(prompt)  # pairs the drafter holds
             stats.prefill_seconds = time.perf_counter() - t0
-            self._start_sources(prompt, prediction)
+            self._start_sources(prompt, request.prediction)
             if self.adaptive and self.drafter is not None and self.policy is None:
                 self.policy = self._make_policy()  # None until t(k) is known (cached, or timed by the first rounds)
             elif self.adaptive and self._sources:

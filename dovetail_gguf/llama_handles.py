@@ -85,6 +85,15 @@ class Vocab:
     def chat_template(self) -> str | None:
         return self.facts.chat_template
 
+    def check_ids(self, ids, what: str = "token ids") -> np.ndarray:
+        """``ids`` as an int32 array; raises InvalidArgumentError if one is outside the vocabulary
+        (llama.cpp aborts the process on such an id). The one place this range is checked."""
+        arr = np.asarray(ids)
+        if arr.size and (arr.dtype.kind not in "iu" or arr.ndim != 1 or int(arr.min()) < 0
+                         or int(arr.max()) >= self.n_vocab):
+            raise InvalidArgumentError(f"{what} must be in 0..{self.n_vocab - 1}")
+        return arr.astype(np.int32, copy=False).reshape(-1)
+
     @property
     def bos_token_id(self) -> int:
         return int(self._lib.llama_vocab_bos(self.handle))

@@ -330,10 +330,6 @@ class Target:
                 f"context full: {self.n_past} tokens in the cache + {n_new} new > n_ctx {self.n_ctx}"
             )
 
-    def _check_tokens(self, tokens: np.ndarray) -> None:
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_vocab):
-            raise InvalidArgumentError(f"token ids must be in 0..{self.n_vocab - 1}")
-
     def _decode(self) -> None:
         """One llama_decode of the batch; on failure, no cell past the committed ones survives (invariant 4)."""
         if not self._ctx:
@@ -371,7 +367,7 @@ class Target:
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         if tokens.ndim != 1 or tokens.size == 0:
             raise InvalidArgumentError("prefill needs at least one token")
-        self._check_tokens(tokens)
+        self.vocab.check_ids(tokens)
         self._check_room(tokens.size)
         self._drop_pending()
         if tokens.size == 1 and self.pair_single:  # a lone row would run other kernels
@@ -445,8 +441,8 @@ class Target:
 
     def decode_one(self, token: int) -> tuple[np.ndarray, np.ndarray]:
         """Append one token. Returns views of its logits [n_vocab] and hidden state [n_embd]."""
-        if not 0 <= token < self.n_vocab:
-            raise InvalidArgumentError(f"token id {token} is outside 0..{self.n_vocab - 1}")
+        if not 0 <= token < self.n_vocab:  # the hot path's form of vocab.check_ids
+            self.vocab.check_ids([token])
         self._check_room(1)
         self._drop_pending()
         self._decode_chain(np.array([token], dtype=np.int32))
@@ -488,7 +484,7 @@ class Target:
             raise InvalidArgumentError(f"tree of {n} nodes exceeds max_tree_nodes {self.max_tree_nodes}")
         if layout.n_paths > self.n_seq_max:
             raise InvalidArgumentError(f"tree has {layout.n_paths} leaves; at most {self.n_seq_max} allowed")
-        self._check_tokens(layout.tokens)
+        self.vocab.check_ids(layout.tokens)
         self._check_room(int(layout.depth.max()) + 1)
         if self.n_past + n > self.n_cells:
             raise ContextFullError(f"no KV cells left for a tree of {n} nodes ({self.n_past} of {self.n_cells} in use)")

@@ -11,23 +11,24 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .accept import TOP_LOGPROBS_MAX, SamplingParams, TokenLogprob
+from .accept import TokenLogprob
 from .errors import InvalidArgumentError
+from .options import LIMITS, GenerateOptions, check  # noqa: F401  (GenerateOptions: re-exported)
 
 
 @dataclass
 class TreeConfig:
     """Size of the draft tree. Defaults are Dovetail's: 16 draft tokens, depth 7, top-k 10."""
 
-    tokens: int = 16  # draft nodes, the root not counted
-    depth: int = 7
-    topk: int = 10
+    tokens: int = LIMITS["tree_tokens"].default  # draft nodes, the root not counted
+    depth: int = LIMITS["tree_depth"].default
+    topk: int = LIMITS["tree_topk"].default
 
     def validate(self, max_nodes: int | None = None) -> None:
-        if self.tokens < 1 or self.depth < 1 or self.topk < 1:
-            raise InvalidArgumentError("tree tokens, depth and top-k must all be >= 1")
-        if self.depth > 64 or self.topk > 64:
-            raise InvalidArgumentError("tree depth and top-k must be at most 64")
+        """Check against the limits table, and (``max_nodes``) against what the target verifies in one call."""
+        self.tokens = check("tree_tokens", self.tokens)
+        self.depth = check("tree_depth", self.depth)
+        self.topk = check("tree_topk", self.topk)
         if max_nodes is not None and self.tokens + 1 > max_nodes:
             raise InvalidArgumentError(f"a tree of {self.tokens} draft tokens exceeds the target's {max_nodes - 1}")
 
@@ -147,26 +148,3 @@ class GenerationResult:
     # or, for a generation that did not end by itself, "cancelled" (closed early) or "error"
     stats: GenerationStats = field(default_factory=GenerationStats)
     logprobs: list[TokenLogprob] | None = None  # one per token, when asked for
-
-
-@dataclass
-class GenerateOptions:
-    max_tokens: int = 256
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: Sequence[str] = ()
-    # Predicted Outputs: text (or token ids) the answer is expected to repeat, e.g. the file being
-    # edited. It only proposes draft tokens: the output is the same with or without it.
-    prediction: str | Sequence[int] | None = None
-    grammar: str | None = None  # GBNF (llama.cpp's grammar format): the output must match it
-    logprobs: int | None = None  # record each token's log-probability and this many alternatives
-
-    def validate(self, n_vocab: int | None = None) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidArgumentError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.prediction is not None and not isinstance(self.prediction, (str, list, tuple, np.ndarray)):
-            raise InvalidArgumentError(f"prediction must be a string or token ids, got {type(self.prediction).__name__}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= TOP_LOGPROBS_MAX:
-            raise InvalidArgumentError(f"top logprobs must be in 0..{TOP_LOGPROBS_MAX}, got {self.logprobs}")
-        if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar.strip()):
-            raise InvalidArgumentError("the grammar is empty")
-        self.sampling.validate(n_vocab)

@@ -149,6 +149,6 @@ def test_structured_output_and_the_sampling_set_from_the_command_line(tmp_path):
     assert len(out["logprobs"]) == len(out["tokens"]) and all(len(e["top"]) == 2 for e in out["logprobs"])
     for args, message in ((["--logit-bias", "5"], "TOKEN=BIAS"), (["--grammar", str(tmp_path / "none.gbnf")], "cannot read"),
                           (["--logprobs", "2"], "--json"), (["--min-p", "2"], "min_p"),
-                          (["--grammar", str(grammar), "--json-schema", "{}"], "not both")):
+                          (["--grammar", str(grammar), "--json-schema", "{}"], "not several")):
         r = dovetail("generate", "x", "--max-tokens", "2", *args)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -12,11 +12,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..api import Dovetail
-from ..errors import DovetailError, InvalidArgumentError
+from ..errors import DovetailError
 from ..structured import could_be_tool_call, tool_call_grammar
 from .errors import error_body, error_response
-from .openai_shapes import ChatRequest, CompletionRequest, ResponseShape
-from .options import SamplingRequest, generation_options
+from ..engine import Request as EngineRequest
+from .openai_shapes import ChatRequest, CompletionRequest, ResponseShape, SamplingRequest
+from .options import prepare
 from .worker import EngineWorker, Job
 
 
@@ -35,26 +36,21 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
         tokens = await run_in_threadpool(dt.chat_prompt_tokens, messages, tools)
         forced, name = req.forced_tool()
         grammar = await run_in_threadpool(tool_call_grammar, tools, name) if forced else None
-        opts = await generation_options(dt, req, tokens, default_max_tokens, grammar)
-        return await _respond(worker, request, req, tokens, opts, model_name, chat=True, tools=tools is not None)
+        prepared = await prepare(dt, tokens, req.options_fields(tool_grammar=grammar), default_max_tokens)
+        return await _respond(worker, request, req, prepared, model_name, chat=True, tools=tools is not None)
 
     @api.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        if isinstance(req.prompt, str):
-            tokens = await run_in_threadpool(dt.tokenize_prompt, req.prompt)
-        else:
-            tokens = list(req.prompt)
-            if min(tokens) < 0 or max(tokens) >= dt.target.n_vocab:
-                raise InvalidArgumentError(f"prompt token ids must be in 0..{dt.target.n_vocab - 1}")
-        opts = await generation_options(dt, req, tokens, default_max_tokens)
-        return await _respond(worker, request, req, tokens, opts, model_name, chat=False)
+        tokens = await run_in_threadpool(dt.tokenize_prompt, req.prompt) if isinstance(req.prompt, str) else req.prompt
+        prepared = await prepare(dt, tokens, req.options_fields(), default_max_tokens)  # checks token ids too
+        return await _respond(worker, request, req, prepared, model_name, chat=False)
 
     return api
 
 
-async def _respond(worker: EngineWorker, request: Request, req: SamplingRequest, tokens: list[int], opts: dict,
+async def _respond(worker: EngineWorker, request: Request, req: SamplingRequest, prepared: EngineRequest,
                    model_name: str, chat: bool, tools: bool = False) -> Any:
-    job = Job(tokens, opts, asyncio.get_running_loop())
+    job = Job(prepared, asyncio.get_running_loop())
     worker.submit(job)  # QueueFullError -> 429
     shape = ResponseShape(model_name, chat, include_usage=bool(req.stream_options and req.stream_options.include_usage),
                           tools=tools, token_bytes=worker.dt.target.token_bytes)

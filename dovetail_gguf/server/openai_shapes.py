@@ -1,8 +1,9 @@
 """The OpenAI API's request and response shapes, as the server reads and writes them.
 
-Requests are pydantic models over :class:`~.options.SamplingRequest`'s generation
-fields: a field the server cannot honour is a 400 that names it, a malformed value
-a 400 naming its field. Responses are built by :class:`ResponseShape` from a
+Requests are pydantic models over :class:`SamplingRequest`'s generation fields,
+typed here and mapped onto GenerateOptions' keywords (whose bounds and defaults
+are the options table's): a field the server cannot honour is a 400 that names
+it, a malformed value a 400 naming its field. Responses are built by :class:`ResponseShape` from a
 finished (or streaming) generation: chat or text completion, whole or as chunks,
 tool calls parsed out, logprobs in OpenAI's shape.
 """
@@ -17,12 +18,163 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..accept import TOP_LOGPROBS_MAX
-from ..structured import parse_tool_calls
-from .options import SamplingRequest, TextContent, TextPart
+from ..options import one_of
+from ..structured import json_object_grammar, parse_tool_calls
 
 
 # ---------------------------------------------------------------------- request shapes
+class TextPart(BaseModel):
+    """One element of OpenAI's content-part array; only text parts are accepted."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class TextContent(BaseModel):
+    """A ``content`` field in OpenAI's shape: a string or an array of text parts."""
+
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class Prediction(TextContent):
+    """OpenAI's Predicted Outputs: ``{"type": "content", "content": str | [text parts]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["content"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always matches the schema: a grammar enforces it
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: text, any JSON object, or JSON validating against a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("json_schema", "response_format of type json_schema needs a json_schema")
+        return self
+
+    def structure(self) -> dict:
+        """GenerateOptions keywords for this format (none for text)."""
+        if self.type == "json_object":
+            return {"grammar": json_object_grammar()}
+        if self.type == "json_schema":
+            return {"json_schema": self.json_schema.schema_ if self.json_schema.schema_ is not None else {}}
+        return {}
+
+
+# Request fields that change nothing in the answer: accepted and ignored. Any other field that is not
+# one of the request model's own gets a 400 naming it, never silence.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk with ``usage`` (and ``choices: []``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    include_obfuscation: bool = True  # OpenAI pads chunks against side channels; a local server has none to pad
+
+
+class SamplingRequest(BaseModel):
+    """The generation fields OpenAI's requests share (and llama.cpp's server's extras). Values are
+    only typed here: their bounds and defaults are the options table's (dovetail_gguf.options), checked
+    when :meth:`options_fields` becomes a GenerateOptions. None: not given."""
+
+    model_config = ConfigDict(extra="ignore")  # only IGNORED_FIELDS get this far (see _known_fields)
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None  # negative: a random seed, as in OpenAI's API and llama.cpp
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = 1
+    prediction: Prediction | None = None
+    stream_options: StreamOptions | None = None
+    # the rest of llama.cpp's sampling set (its server's names), in its chain's order
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    # structured output: OpenAI's response_format, or llama.cpp's grammar / json_schema fields
+    response_format: ResponseFormat | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data):
+        if isinstance(data, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias} | IGNORED_FIELDS
+            unknown = [k for k in data if k not in known]
+            if unknown:
+                raise PydanticCustomError("unsupported_field", "unsupported field {field}: the server cannot honour it",
+                                          {"field": repr(unknown[0])})
+        return data
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n = 1 is supported")
+        return v
+
+    def n_logprobs(self) -> int | None:
+        """Alternatives per token to report, or None for no logprobs."""
+        return None
+
+    def options_fields(self, tool_grammar: str | None = None) -> dict:
+        """This request as GenerateOptions keywords (fields not given are left to the table's defaults);
+        ``tool_grammar``: the grammar a forced tool call brings. Raises InvalidArgumentError when two
+        fields each set the answer's structure."""
+        out = {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
+        if self.prediction is not None:
+            out["prediction"] = self.prediction.text()
+        if self.n_logprobs() is not None:
+            out["logprobs"] = self.n_logprobs()
+        formatted = self.response_format if self.response_format and self.response_format.type != "text" else None
+        kind, _ = one_of(grammar=self.grammar, json_schema=self.json_schema, response_format=formatted,
+                         tool_choice=tool_grammar)
+        if kind == "grammar":
+            out["grammar"] = self.grammar
+        elif kind == "json_schema":
+            out["json_schema"] = self.json_schema
+        elif kind == "response_format":
+            out.update(formatted.structure())
+        elif kind == "tool_choice":
+            out["grammar"] = tool_grammar
+        return out
+
+
+# request fields that are GenerateOptions fields under the same name
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_p", "repeat_penalty",
+                   "repeat_last_n", "presence_penalty", "frequency_penalty", "logit_bias")
+
+
 class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -105,7 +257,7 @@ class NamedToolChoice(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS_MAX)
+    top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
@@ -135,7 +287,7 @@ class ChatRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] = Field(min_length=1)
-    logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS_MAX)  # alternatives per token
+    logprobs: int | None = None  # alternatives per token
 
     def n_logprobs(self) -> int | None:
         return self.logprobs

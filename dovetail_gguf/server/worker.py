@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..api import Dovetail
+from ..engine import Request
 from ..errors import DovetailError
 
 log = logging.getLogger(__package__)
@@ -76,13 +77,12 @@ class QueueFullError(DovetailError):
 
 @dataclass
 class Job:
-    """One generation request: prompt tokens and options in, events out (on the event loop's queue).
+    """One generation request, checked (engine.Request), in; events out (on the event loop's queue).
 
     Events: ("piece", str), ("done", GenerationResult), ("error", DovetailError | Exception).
     """
 
-    tokens: list[int]
-    options: dict
+    request: Request
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -161,7 +161,7 @@ class EngineWorker:
         if job.cancelled.is_set():
             return
         try:
-            stream = self.dt.stream_tokens(job.tokens, **job.options)
+            stream = self.dt.stream_request(job.request)
             for piece in stream:
                 if job.cancelled.is_set():
                     break

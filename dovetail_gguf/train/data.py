@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import ContextFullError, DovetailError, InvalidArgumentError
+from ..options import check
 from ..gguf_io import read_facts
 from ..llama_handles import Batch, LlamaContext, LlamaModel, Vocab
 from ..llama_runtime import extra_buffers_safe, init_backend, physical_cores
@@ -56,8 +57,7 @@ class DataConfig:
             raise InvalidArgumentError("max_new_tokens, batch_size and prompts_per_shard must be >= 1")
         if self.batch_size > 63:
             raise InvalidArgumentError("batch_size must be at most 63")
-        if not (0 <= self.temperature < float("inf")):
-            raise InvalidArgumentError(f"temperature must be a number >= 0, got {self.temperature}")
+        self.temperature = check("temperature", self.temperature)  # the generation options' bound
 
 
 def _conversation(obj: dict, lineno: int, path: Path) -> list[dict]:
@@ -206,8 +206,7 @@ class RowDecoder:
             raise InvalidArgumentError(f"sequence ids must be in 1..{self.n_seq_max - 1}")
         if positions.min() < 0 or positions.max() >= self.ctx.n_cells // self.n_seq_max:
             raise ContextFullError(f"positions must stay below {self.ctx.n_cells // self.n_seq_max}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab.n_vocab:
-            raise InvalidArgumentError(f"token ids must be in 0..{self.vocab.n_vocab - 1}")
+        self.vocab.check_ids(tokens)
         self.batch.set_rows(tokens, positions, seq_ids)
         self.ctx.decode(self.batch)
         return self.ctx.outputs(n)
