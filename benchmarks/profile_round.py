@@ -48,7 +48,10 @@ def main() -> None:
                 timers[name] += time.perf_counter() - t0
         return wrapper
 
-    dt.target._decode = timed("llama_decode", dt.target._decode)
+    def timed_decode(rows: int, seconds: float) -> None:
+        timers["llama_decode"] += seconds
+
+    dt.target.on_decode = timed_decode
     dt.drafter.model.forward = timed("draft_forward", dt.drafter.model.forward)
     dt.drafter.model.logits = timed("draft_forward", dt.drafter.model.logits)  # the head is part of the draft's compute
     prompts = humaneval_prompts(args.n)

@@ -44,14 +44,11 @@ def main() -> None:
     t.prefill(prompt)
     base = t.n_past
     decode_time = [0.0]
-    real_decode = t._decode
 
-    def timed_decode():
-        t0 = time.perf_counter()
-        real_decode()
-        decode_time[0] += time.perf_counter() - t0
+    def timed_decode(rows: int, seconds: float) -> None:
+        decode_time[0] += seconds
 
-    t._decode = timed_decode
+    t.on_decode = timed_decode
     results = {}
     for k in (1, 2, 4, 8, 16, 32, 64):
         if k > t.max_tree_nodes:

@@ -129,23 +129,6 @@ def _nucleus(v: np.ndarray, e: np.ndarray, total: float, top_p: float) -> np.nda
         m = min(n, m * 8)
 
 
-def target_distribution(logits: np.ndarray, params: SamplingParams, recent: Sequence[int] = ()) -> np.ndarray:
-    """The whole distribution the sampler draws from (for tests and tools; the sampler never builds it)."""
-    n = params.penalty_window
-    window = list(recent)[-n:] if n else []
-    x = adjust_logits(np.asarray(logits, dtype=np.float32), params, np.asarray(window, dtype=np.int64))
-    p = np.zeros(x.shape[0])
-    if params.greedy:
-        p[int(np.argmax(x))] = 1.0
-        return p
-    ids, w = candidates(x, params)
-    if ids is None:
-        p[:] = w
-    else:
-        p[ids] = w
-    return p / p.sum()
-
-
 def _draw(w: np.ndarray, u: float) -> int:
     """Index of the draw with uniform ``u`` from weights ``w`` (inverse CDF)."""
     cdf = np.cumsum(w)

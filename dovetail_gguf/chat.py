@@ -166,9 +166,4 @@ def _has_special_text(vocab: "Vocab | Target", text: str) -> bool:
     return plain.shape != parsed.shape or bool((plain != parsed).any())
 
 
-def chat_messages_for_prompt(prompt: str, system: str | None = None) -> list[dict]:
-    """A one-turn chat for a raw prompt (optionally after a system message)."""
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-__all__: Sequence[str] = ("Message", "check_messages", "render_chat", "chat_tokens", "chat_messages_for_prompt")
+__all__: Sequence[str] = ("Message", "check_messages", "render_chat", "chat_tokens")

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import DovetailError
-from .options import LIMITS
+from .options import LIMITS, GenerateOptions, check
 from .train.config import TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()
@@ -218,11 +218,9 @@ class SamplingChoice:
     def take(cls, kw: dict) -> "SamplingChoice":
         return cls(*(kw.pop(f.name) for f in dataclasses.fields(cls)))
 
-    def options(self, **extra) -> "GenerateOptions":
+    def options(self, **extra) -> GenerateOptions:
         """The checked GenerateOptions of these flags (and ``extra`` fields); unreadable files and
         values outside the options table raise DovetailError, before any model loads."""
-        from .options import GenerateOptions
-
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["stop"] = list(self.stop)
         out["logit_bias"] = dict(_bias_pair(item) for item in self.logit_bias)
@@ -619,10 +617,8 @@ def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out,
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback must be asked for.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, envvar="DOVETAIL_API_KEY", help="Require 'Authorization: Bearer KEY' (or set DOVETAIL_API_KEY).")
-@click.option("-n", "--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Default max_tokens when a request gives none.")
-@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Requests that may wait for the engine; past it a request gets 429 with Retry-After.")
+@_limited("served_max_tokens", "-n", "--max-tokens", "default_max_tokens")
+@_limited("max_queue", "--max-queue")
 @click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a "
                    "browser (repeatable). Off by default.")
@@ -640,6 +636,7 @@ def serve(host, port, api_key, default_max_tokens, max_queue, cors_origins, **kw
         api_key = os.environ["DOVETAIL_API_KEY"]
     if api_key is not None and not api_key.strip():
         raise DovetailError("the API key is empty; give a real key, or leave --api-key and DOVETAIL_API_KEY unset")
+    default_max_tokens, max_queue = check("served_max_tokens", default_max_tokens), check("max_queue", max_queue)
     dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
     name = dt.target.path.stem
     app = create_app(dt, name, api_key=api_key, default_max_tokens=default_max_tokens, max_queue=max_queue,

@@ -96,11 +96,10 @@ def load_costs(target, stats: dict[int, SizeStats] | None = None) -> dict[int, f
     now, costs = time.time(), {}
     try:
         for k, v in entry.items():
-            if isinstance(v, dict):  # {"ms", "n", "spread", "at"}
-                meta = SizeStats(int(v.get("n", 1)), float(v.get("spread", 0.0)), float(v.get("at", 0.0)))
-                v = v["ms"]
-            else:  # the older format: the time alone
-                meta = SizeStats(1, 0.0, 0.0)
+            if not isinstance(v, dict):  # each size is {"ms", "n", "spread", "at"}
+                return None
+            meta = SizeStats(int(v.get("n", 1)), float(v.get("spread", 0.0)), float(v.get("at", 0.0)))
+            v = v["ms"]
             if int(k) != 1 and meta.at and now - meta.at > MAX_AGE_DAYS * 86400:
                 continue
             costs[int(k)] = float(v)

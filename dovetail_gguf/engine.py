@@ -19,9 +19,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .accept import Sampler, accept_greedy
-from .costs import CostModel, load_costs, save_costs  # noqa: F401
+from .costs import CostModel
 from .errors import ContextFullError, InvalidArgumentError
 from .llama_handles import GrammarState
+from .options import GenerateOptions
 from .plan import (DRAFT, PREDICTION, Proposal, RoundPlan, likeliest_path, merge, plan_round, restrict, tested_nodes,
                    tree_depths)
 from .policy import TreePolicy
@@ -32,7 +33,6 @@ from .text import Detokenizer, StopMatcher
 from .types import (  # noqa: F401  (re-exported: the engine's vocabulary)
     Drafter,
     DraftTree,
-    GenerateOptions,
     GenerationResult,
     GenerationStats,
     RoundRecord,
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 DRAFT_WINDOW = 256
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """One generation's inputs, checked against this model by :meth:`Engine.prepare`; runs once.
 

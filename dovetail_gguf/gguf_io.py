@@ -345,9 +345,3 @@ def read_token_matrices(path: str | os.PathLike):
     head = embd if tied else torch.from_numpy(gf.dequantize("output.weight"))
     log.debug("exported embedding %s and %s head", tuple(embd.shape), "tied" if tied else "untied")
     return embd, head
-
-
-def head_tensor_type(path: str | os.PathLike) -> str:
-    """The GGML type name of the tensor llama.cpp uses as LM head."""
-    gf = open_gguf(path)
-    return gf.tensors.get("output.weight", gf.tensors["token_embd.weight"]).type_name

@@ -181,10 +181,3 @@ def default_draft_for(facts) -> Path | None:
                 facts.tokenizer_fingerprint, facts.n_embd, facts.n_vocab, facts.architecture):
             return d
     return None
-
-
-def default_draft_path() -> Path | None:
-    """The default draft of the default target (see :func:`default_draft_for`)."""
-    from .gguf_io import read_facts
-
-    return default_draft_for(read_facts(default_target_path()))

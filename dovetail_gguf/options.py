@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from .errors import InvalidArgumentError
@@ -90,6 +90,10 @@ LIMITS: dict[str, Limit] = {
     "seed": Limit(int, None, help="Random seed for sampling (negative: a random seed)."),
     "stop": Limit(int, None, 0, 4, help="How many stop strings: the answer ends before the first one it produces."),
     "stop_chars": Limit(int, None, 0, 256, help="Characters in one stop string."),
+    # the server's settings (dovetail serve)
+    "served_max_tokens": Limit(int, 512, 1, help="max_tokens of a request that gives none (capped at the context)."),
+    "max_queue": Limit(int, 64, 1, help="Requests that may wait for the engine; past it a request gets 429 with Retry-After."),
+    # the draft tree (dovetail_gguf.types.TreeConfig)
     "tree_tokens": Limit(int, 16, 1, 63, help="Draft tokens per tree (root not counted)."),
     "tree_depth": Limit(int, 7, 1, 64, help="Maximum tree depth."),
     "tree_topk": Limit(int, 10, 1, 64, help="Children considered per expanded node."),
@@ -147,15 +151,13 @@ class GenerateOptions:
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: set once, here)
-        for name, limit in LIMITS.items():
-            if name in ("logit_bias", "logprobs", "seed", "stop", "stop_chars") or name.startswith("tree_"):
+        for f in fields(self):  # the numeric fields, each against its row of the table
+            limit, value = LIMITS.get(f.name), getattr(self, f.name)
+            if limit is None or f.name in ("stop", "logit_bias") or (value is None and limit.default is None):
                 continue
-            put(name, limit.check(name, getattr(self, name)))
-        if self.seed is not None:
-            seed = check("seed", self.seed)
-            put("seed", seed if seed >= 0 else None)  # as llama.cpp and OpenAI: negative means a random seed
-        if self.logprobs is not None:
-            put("logprobs", check("logprobs", self.logprobs))
+            put(f.name, limit.check(f.name, value))
+        if self.seed is not None and self.seed < 0:
+            put("seed", None)  # as llama.cpp and OpenAI: a negative seed means a random one
         put("stop", _stops(self.stop))
         put("logit_bias", _bias(self.logit_bias))
         put("prediction", _prediction(self.prediction))

@@ -15,8 +15,10 @@ decode, copied only where a caller needs to keep them.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -204,12 +206,13 @@ class Target:
         self.n_ctx = min(config.n_ctx, self.n_cells)  # positions a generation may use
         self.n_vocab = self.vocab.n_vocab
         self.n_embd = self._model.n_embd
-        self.can_shift = self._ctx.can_shift
         self._batch = Batch(n_batch, self.n_seq_max)
         self._history = np.zeros(self.n_ctx, dtype=np.int32)  # committed tokens, in cache order
         # 1 where a position was computed in a batch of TILE_ROWS+ rows (the tiled kernels), else 0
         self._row_class = np.zeros(self.n_ctx, dtype=np.uint8)
         self.n_past = 0
+        # observer of every llama_decode, (rows, seconds): for benchmarks and tests; None costs nothing
+        self.on_decode: Callable[[int, float], None] | None = None
         self._pending: TreeLayout | None = None
         log.info(
             "target %s: %s, n_embd %d, %d layers, vocab %d, n_ctx %d, %d threads, %s kernels%s",
@@ -303,20 +306,6 @@ class Target:
         self._ctx.seq_rm(-1, n_keep, -1)
         self.n_past = n_keep
 
-    def shift_context(self, n_keep: int, n_discard: int) -> None:
-        """Forget committed tokens [n_keep, n_keep + n_discard) and slide the rest back."""
-        if not self.can_shift:
-            raise ContextFullError("the context is full and this model's KV cache cannot be shifted")
-        if n_keep < 0 or n_discard <= 0 or n_keep + n_discard > self.n_past:
-            raise InvalidArgumentError("invalid context shift")
-        self._drop_pending()
-        lo, hi = n_keep, n_keep + n_discard
-        self._ctx.seq_rm(0, lo, hi)
-        self._ctx.seq_add(0, hi, self.n_past, -n_discard)
-        self._history[lo : self.n_past - n_discard] = self._history[hi : self.n_past]
-        self._row_class[lo : self.n_past - n_discard] = self._row_class[hi : self.n_past]
-        self.n_past -= n_discard
-
     @property
     def window_room(self) -> int:
         """Cells a batch can use without widening the attention window past the one a single
@@ -334,8 +323,11 @@ class Target:
         """One llama_decode of the batch; on failure, no cell past the committed ones survives (invariant 4)."""
         if not self._ctx:
             raise InvalidArgumentError("the target was closed")
+        t0 = time.perf_counter() if self.on_decode is not None else 0.0
         try:
             self._ctx.decode(self._batch)
+            if self.on_decode is not None:
+                self.on_decode(int(self._batch.struct.n_tokens), time.perf_counter() - t0)
         except LlamaCallError:
             self._ctx.seq_rm(-1, self.n_past, -1)
             self._pending = None

@@ -7,13 +7,13 @@ a draft model implements. Nothing here runs a model.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from .accept import TokenLogprob
 from .errors import InvalidArgumentError
-from .options import LIMITS, GenerateOptions, check  # noqa: F401  (GenerateOptions: re-exported)
+from .options import LIMITS, check
 
 
 @dataclass

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from dovetail_gguf.accept import Sampler, SamplingParams, accept_greedy, target_distribution
+from dovetail_gguf.accept import Sampler, SamplingParams, accept_greedy
+from law import target_distribution
 from dovetail_gguf.target import tree_layout
 
 T1 = SamplingParams(temperature=1.0)

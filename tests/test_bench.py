@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from dovetail_gguf.draft.io import init_draft, save_draft
-from dovetail_gguf.models import default_draft_path
+from dovetail_gguf.gguf_io import read_facts
+from dovetail_gguf.models import default_draft_for, default_target_path
+
+
+def default_draft_path():
+    return default_draft_for(read_facts(default_target_path()))
 
 
 @pytest.mark.slow

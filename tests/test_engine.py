@@ -13,8 +13,14 @@ from dovetail_gguf import Dovetail, TreeConfig
 from dovetail_gguf.draft.io import init_draft, save_draft
 from dovetail_gguf.engine import DraftTree
 from dovetail_gguf.errors import DraftMismatchError, InvalidArgumentError, ModelFileError
-from dovetail_gguf.models import default_draft_path
+from dovetail_gguf.gguf_io import read_facts
+from dovetail_gguf.models import default_draft_for, default_target_path
 from dovetail_gguf.target import TargetConfig
+
+
+def default_draft_path():
+    return default_draft_for(read_facts(default_target_path()))
+
 
 TCFG = TargetConfig(n_ctx=1024, n_threads=2)
 
@@ -334,7 +340,8 @@ def test_sampling_keeps_the_target_distribution(base, law):
     """The joint law of the first two tokens (the second one goes through tree acceptance)
     against the exact target law: a chi-square test at the 0.1% level, which a biased
     sampler fails (checked below with the wrong temperature)."""
-    from dovetail_gguf.accept import SamplingParams, target_distribution
+    from dovetail_gguf.accept import SamplingParams
+    from law import target_distribution
 
     t = base.target
     text, settings = LAWS[law]

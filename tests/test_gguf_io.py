@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from dovetail_gguf.errors import ModelFileError
-from dovetail_gguf.gguf_io import head_tensor_type, read_facts, read_token_matrices
+from dovetail_gguf.gguf_io import open_gguf, read_facts, read_token_matrices
 from dovetail_gguf.target import Target, TargetConfig
+
+
+def head_tensor_type(path) -> str:
+    """The GGML type name of the tensor llama.cpp uses as LM head."""
+    gf = open_gguf(path)
+    return gf.tensors.get("output.weight", gf.tensors["token_embd.weight"]).type_name
 
 
 def test_facts_of_smollm2(smollm2_path):

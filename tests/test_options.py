@@ -3,6 +3,7 @@ words from the Python API, the CLI and every server surface (each in its own err
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from dovetail_gguf.types import TreeConfig
 
 from test_server import running_server
 
-NUMERIC = [n for n in LIMITS if n not in ("seed", "stop", "stop_chars", "logit_bias") and not n.startswith("tree_")]
+NUMERIC = [f.name for f in dataclasses.fields(GenerateOptions) if f.name in LIMITS and f.name not in ("seed", "stop", "logit_bias")]
 
 
 def outside(name: str) -> list:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import dovetail_gguf.costs as costs_mod
-import dovetail_gguf.engine as engine_mod
 from dovetail_gguf.engine import Engine, GenerateOptions
 from dovetail_gguf.target import Target, TargetConfig
 
@@ -78,14 +77,14 @@ def test_costs_are_timed_by_the_first_rounds_once_and_reused_by_a_later_engine(s
             assert sum(decodes) - 1 == result.stats.verified_rows
             if len(calls) > before:  # the calibration rounds' sizes, in order
                 assert decodes[1:5] == [1, 1, 2, 4]
-            assert {1, 2, 4} <= set(engine_mod.load_costs(t) or {})
+            assert {1, 2, 4} <= set(costs_mod.load_costs(t) or {})
         assert len(calls) == expect_calls  # a second engine, same settings: no calibration round
     assert (tmp_path / "verify_costs.json").is_file()
     # costs timed on a busy machine (one row dearer than three) are measured again, not trusted
     monkeypatch.setattr(costs_mod, "IMPLAUSIBLE_BELOW_T1", implausible)
     with Target(smollm2_path, TargetConfig(n_ctx=512, n_threads=2)) as t:
-        engine_mod.save_costs(t, {1: 72.9, 2: 54.8, 3: 39.1})
-        assert engine_mod.load_costs(t) is None
+        costs_mod.save_costs(t, {1: 72.9, 2: 54.8, 3: 39.1})
+        assert costs_mod.load_costs(t) is None
         run(Engine(t, None, adaptive=True, ngram=True), prompt, 8)
         assert len(calls) == 12
 
@@ -175,7 +174,9 @@ def test_the_cost_cache_keeps_counts_spread_and_ages_and_forgets_old_sizes(smol,
     got: dict = {}
     assert load_costs(smol, got) == {1: 40.0, 2: 45.0}  # t(8) not timed for 40 days: gone; t(1) always kept
     assert (got[2].n, got[2].spread) == (3, 0.1) and got[2].at == pytest.approx(now, abs=1)
-    _write_entry(cost_key(smol), {"1": 40.0, "4": 60.0})  # a cache from before counts and ages
+    _write_entry(cost_key(smol), {"1": 40.0, "4": 60.0})  # an entry without counts and ages: timed again
+    assert load_costs(smol) is None
+    save_costs(smol, {1: 40.0, 4: 60.0})
     assert load_costs(smol) == {1: 40.0, 4: 60.0}
     model = CostModel(smol, 64)
     assert model.ready()

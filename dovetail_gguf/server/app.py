@@ -11,17 +11,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..api import Dovetail
 from ..errors import DovetailError, InvalidArgumentError
 from . import llamacpp, openai
 from .errors import error_response
-from .worker import DEFAULT_MAX_QUEUE, EngineWorker, Metrics, QueueFullError
+from ..options import LIMITS
+from .worker import EngineWorker, Metrics, QueueFullError
 
 MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this gets a 413
 
 
-def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, default_max_tokens: int = 512,
-               max_queue: int = DEFAULT_MAX_QUEUE, cors_origins: Sequence[str] = ()) -> FastAPI:
+def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, default_max_tokens: int = LIMITS["served_max_tokens"].default,
+               max_queue: int = LIMITS["max_queue"].default, cors_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app; its engine worker starts now and stops when the app shuts down.
 
     ``cors_origins``: browser origins allowed to call the API (``"*"`` for any); none by default.
@@ -30,7 +32,7 @@ def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, defaul
         raise InvalidArgumentError("the API key is empty; give a non-empty key or none")
     metrics = Metrics()
     worker = EngineWorker(dt, max_queue, metrics)
-    app = FastAPI(title="dovetail-gguf", version="0.1.0",
+    app = FastAPI(title="dovetail-gguf", version=__version__,
                   description="OpenAI-compatible API over Dovetail speculative decoding (GGUF target on the CPU).")
     app.state.worker = worker
     app.router.on_shutdown.append(worker.stop)

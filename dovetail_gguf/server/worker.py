@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 from ..api import Dovetail
 from ..engine import Request
 from ..errors import DovetailError
+from ..options import LIMITS
 
 log = logging.getLogger(__package__)
-
-DEFAULT_MAX_QUEUE = 64
-
 
 class Metrics:
     """Counters for ``GET /metrics``, in Prometheus's text format. The engine worker counts generations,
@@ -75,7 +73,7 @@ class QueueFullError(DovetailError):
     """The request queue is at its bound; try again later."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the queue finds it by identity
 class Job:
     """One generation request, checked (engine.Request), in; events out (on the event loop's queue).
 
@@ -97,7 +95,7 @@ class Job:
 class EngineWorker:
     """The one thread that runs generations, in FIFO order, with at most ``max_queue`` waiting."""
 
-    def __init__(self, dt: Dovetail, max_queue: int = DEFAULT_MAX_QUEUE, metrics: Metrics | None = None):
+    def __init__(self, dt: Dovetail, max_queue: int = LIMITS["max_queue"].default, metrics: Metrics | None = None):
         self.dt = dt
         self.max_queue = max_queue
         self.metrics = metrics if metrics is not None else Metrics()
