@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .costs import interpolate
+from .costs import estimate_ms
 from .errors import InvalidArgumentError
 from .extras import require
 from .peer import PEER_MODES
@@ -144,13 +144,13 @@ def _run_one(system: str, index: int, tokens, max_tokens: int, engines: dict, ll
                      rejected_prediction_tokens=s.rejected_prediction_tokens, round_log=[list(vars(x).values()) for x in s.round_log])
 
 
-def replay_bound(prompt: list[int], answer: list[int], verify_ms: dict[int, float], prediction: list[int] | None = None,
+def replay_bound(prompt: list[int], answer: list[int], t_ms: dict[int, float], prediction: list[int] | None = None,
                  max_rows: int = REPLAY_MAX_ROWS) -> float:
     """Speedup over plain decoding of a policy that knows, every round, how much of the suffix
     sources' candidates the target will accept, and verifies exactly that: replayed offline
     against ``answer`` (the plain run's tokens) with measured t(k). The sources are this engine's:
     the suffix index over the prompt and the answer so far, and the prediction when given."""
-    from .costs import ROW_SIZES, interpolate
+    from .costs import ROW_SIZES
     from .plan import merge
     from .proposers import SuffixProposer, prediction_proposer
     from .suffix import SuffixIndex
@@ -160,7 +160,7 @@ def replay_bound(prompt: list[int], answer: list[int], verify_ms: dict[int, floa
     # verifying k rows may be dearer than verifying more (kernels batch rows in blocks): the policy
     # pads to the cheapest size that holds them; sizes as the engine's rounds use them
     sizes = np.array([k for k in ROW_SIZES if k <= max_rows])
-    cost = np.asarray(interpolate(verify_ms, sizes), dtype=np.float64)
+    cost = np.asarray(estimate_ms(t_ms, sizes), dtype=np.float64)
     need = np.arange(1, max_rows + 1)
     cheapest = np.array([cost[sizes >= k].min() for k in need])  # index: accepted tokens (rows - 1)
     index = SuffixIndex(prompt)
@@ -270,14 +270,14 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
     bar.close()
     for system in peers:
         llamas[system].close()
-    verify_ms = next((e.engine._verify_ms for e in engines.values() if e.engine._verify_ms), None)
+    t_ms = next((e.engine.cost_table for e in engines.values() if e.engine.cost_table), None)
     replay = {}
-    if verify_ms:  # what a policy that knew the accepted lengths would get from the suffix sources
+    if t_ms:  # what a policy that knew the accepted lengths would get from the suffix sources
         answers = {r.prompt_index: r.tokens for r in records if r.system == PLAIN}
         for i, tokens in enumerate(encoded):
-            replay[i] = {"context": replay_bound(list(tokens), answers[i], verify_ms)}
+            replay[i] = {"context": replay_bound(list(tokens), answers[i], t_ms)}
             if PREDICTED in systems:
-                replay[i]["prediction"] = replay_bound(list(tokens), answers[i], verify_ms, prediction=answers[i])
+                replay[i]["prediction"] = replay_bound(list(tokens), answers[i], t_ms, prediction=answers[i])
     dovetail = engines.get(DOVETAIL)
     peak_gpu = dovetail.drafter.peak_memory_bytes() if dovetail is not None else None
     report = {"machine": machine_description(threads), "settings": {
@@ -285,13 +285,13 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         "max_tokens": max_tokens, "n_prompts": len(prompts), "chat": chat, "n_ctx": n_ctx, "repeats": repeats,
         "tree": vars(dovetail.engine.tree) if dovetail else None, "adaptive": adaptive,
         "draft_dtype": str(dovetail.drafter.dtype).removeprefix("torch.") if dovetail else None,
-        "verify_ms": verify_ms, "kernels": kernels, "kernel_env": plain.target.kernel_env,
+        "verify_ms": t_ms, "kernels": kernels, "kernel_env": plain.target.kernel_env,
         "repacked": plain.target.extra_buffers,
         "invariance": plain.target.invariance.describe() if plain.target.invariance else None},
         "replay_bound": {str(i): v for i, v in replay.items()},
         "records": [vars(r) for r in records],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}
-    report["summary"] = summarize(records, verify_ms=verify_ms, replay=replay)
+    report["summary"] = summarize(records, t_ms=t_ms, replay=replay)
     return report
 
 
@@ -305,7 +305,7 @@ def acceptance_by_depth(records: list[RunRecord]) -> list[float]:
     return [float(a / d) for a, d in zip(accepted, drafted) if d > 0]
 
 
-def roofline(verify_ms: dict[int, float], acceptance: list[float]) -> tuple[float, int]:
+def roofline(t_ms: dict[int, float], acceptance: list[float]) -> tuple[float, int]:
     """Best speedup over plain decoding that a draft costing nothing could give on this machine:
     a chain of D draft tokens accepted as measured by depth, verified in t(D + 1).
 
@@ -313,10 +313,10 @@ def roofline(verify_ms: dict[int, float], acceptance: list[float]) -> tuple[floa
     no more than the wider trees it was measured on).
     """
     best, best_depth = 1.0, 0
-    one = interpolate(verify_ms, 1)
+    one = estimate_ms(t_ms, 1)
     reach = np.minimum.accumulate(acceptance) if acceptance else np.zeros(0)  # P(accepted >= d) falls with d
     for depth in range(1, reach.size + 1):
-        speed = (1.0 + float(reach[:depth].sum())) * one / float(interpolate(verify_ms, depth + 1))
+        speed = (1.0 + float(reach[:depth].sum())) * one / float(estimate_ms(t_ms, depth + 1))
         if speed > best:
             best, best_depth = speed, depth
     return best, best_depth
@@ -347,12 +347,12 @@ def cost_model_gap(records: list[RunRecord]) -> dict | None:
 
 
 def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
-              verify_ms: dict[int, float] | None = None, replay: dict | None = None) -> dict:
+              t_ms: dict[int, float] | None = None, replay: dict | None = None) -> dict:
     """Per system: tokens/s, median per-prompt speedup over plain, τ, time split, identity with plain
     (or with the system ``reference`` names for it).
 
     Speculative systems also get their acceptance by depth and, with the measured t(k) in
-    ``verify_ms``: ``free_draft_speedup``, what their own rounds would give if drafting and
+    ``t_ms``: ``free_draft_speedup``, what their own rounds would give if drafting and
     everything but verification cost nothing, and the chain ``roofline`` (see :func:`roofline`).
     """
     by = {}
@@ -388,10 +388,10 @@ def summarize(records: list[RunRecord], reference: dict[str, str] | None = None,
             accept = acceptance_by_depth(rs)
             extra = {"rows_per_round": rows / rounds, "acceptance_by_depth": accept,
                      "cost_model": cost_model_gap(rs)}
-            if verify_ms and rows:
-                tau, one = out[system]["tau"], float(interpolate(verify_ms, 1))
-                extra["free_draft_speedup"] = tau * one / float(interpolate(verify_ms, rows / rounds))
-                extra["roofline"], extra["roofline_depth"] = roofline(verify_ms, accept)
+            if t_ms and rows:
+                tau, one = out[system]["tau"], float(estimate_ms(t_ms, 1))
+                extra["free_draft_speedup"] = tau * one / float(estimate_ms(t_ms, rows / rounds))
+                extra["roofline"], extra["roofline_depth"] = roofline(t_ms, accept)
             out[system].update(extra)
         if system == PREDICTED:
             own = {i: runs[i].tokens_per_second for i in runs}

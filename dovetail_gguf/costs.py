@@ -144,21 +144,36 @@ def _write_entry(key: str, value) -> None:
         log.warning("could not write the cost cache %s: %s", path, e)
 
 
-def interpolate(costs: dict[int, float], n):
-    """t(n) from measured sizes (``n`` a number or an array): linear between them, and past the
-    largest along the last two points' slope."""
-    if np.ndim(n) == 0 and n in costs:  # the common case, a measured size: no arrays
-        return float(costs[n])
-    ks = np.array(sorted(costs), dtype=np.float64)
-    vs = np.array([costs[k] for k in sorted(costs)], dtype=np.float64)
-    out = np.interp(n, ks, vs)
-    if ks.size > 1:
-        slope = max(0.0, (vs[-1] - vs[-2]) / (ks[-1] - ks[-2]))
-        out = np.where(np.asarray(n) > ks[-1], vs[-1] + slope * (np.asarray(n) - ks[-1]), out)
+EXPLORE_ROW_COST = 0.1  # t(k) past the largest measured k, per row, in units of t(1) (see estimate_ms)
+
+
+def estimate_ms(table: dict[int, float], rows):
+    """t(rows) in ms from measured sizes ``table`` (1 included; ``rows`` a number or an array): the one
+    estimator the planner, the tree policy and the bench price rounds with.
+
+    A measured size: its time. Any other: linear between measured sizes, but never above an
+    optimistic guess, the largest measured size below it plus ``EXPLORE_ROW_COST`` t(1) a row
+    (flatter than any machine measured so far; kernels that batch rows in blocks make some sizes
+    much cheaper than their neighbours). So a size that might pay is tried once; its measurement
+    then replaces the guess. Rows-proportional while nothing is measured.
+    """
+    if not table:
+        return np.asarray(rows, dtype=np.float64) * 1.0
+    if np.ndim(rows) == 0 and rows in table:  # the common case, a measured size: no arrays
+        return float(table[rows])
+    ks = np.fromiter(sorted(table), dtype=np.float64)
+    vs = np.fromiter((table[k] for k in sorted(table)), dtype=np.float64, count=ks.size)
+    return _estimate(ks, vs, rows)
+
+
+def _estimate(ks: np.ndarray, vs: np.ndarray, rows):
+    """:func:`estimate_ms` over a table as sorted arrays (sizes ``ks``, times ``vs``; ks[0] is 1)."""
+    r = np.asarray(rows, dtype=np.float64)
+    below = np.maximum(np.searchsorted(ks, r, side="right") - 1, 0)  # the largest measured size <= rows
+    optimistic = vs[below] + (r - ks[below]) * EXPLORE_ROW_COST * vs[0]
+    inside = np.interp(r, ks, vs)  # linear between measured sizes, flat past the largest
+    out = np.where(r > ks[-1], optimistic, np.minimum(inside, optimistic))
     return float(out) if np.ndim(out) == 0 else out
-
-
-EXPLORE_ROW_COST = 0.1  # t(k) past the largest measured k, per row, in units of t(1) (see CostModel.verify_ms)
 ROW_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # the sizes rounds use: few to measure
 
 
@@ -186,8 +201,8 @@ class CostModel:
     turn and are timed (see the engine's calibration round). Refine: every later decode
     folds its time in; a size used for the first time, or not timed for
     ``STALE_AFTER_DECODES`` decodes, takes its next timing whole. Persist: :meth:`save` keeps
-    t(k) at the current speed for the next process. Interpolate: :meth:`verify_ms` answers
-    for any size, arrays included; ``table`` holds t(k) of the sizes timed recently.
+    t(k) at the current speed for the next process. Estimate: :meth:`verify_ms` answers
+    for any size, arrays included (:func:`estimate_ms`); ``table`` holds t(k) of the sizes timed recently.
     """
 
     def __init__(self, target, max_rows: int):
@@ -239,27 +254,15 @@ class CostModel:
         return 0 if k == 1 else (self._decodes - self._timed_at.get(k, self._decodes)) // STALE_AFTER_DECODES
 
     def verify_ms(self, rows):
-        """t(rows) in ms (a number or an array); rows-proportional while nothing is measured.
-
-        A measured size: its time. Any other: linear between measured sizes, but never above an
-        optimistic guess, the largest measured size below it plus ``EXPLORE_ROW_COST`` t(1) a row
-        (flatter than any machine measured so far; kernels that batch rows in blocks make some sizes
-        much cheaper than their neighbours). So a size that might pay is tried once; its
-        measurement then replaces the guess, here and in the cache.
-        """
+        """t(rows) in ms (a number or an array) by :func:`estimate_ms` over ``table``."""
         if not self.table:
-            return np.asarray(rows, dtype=np.float64) * 1.0
+            return estimate_ms(self.table, rows)
         if self._arrays is None or self._arrays[0] != self.table:  # the table changed (a timing, a test)
             ks = np.fromiter(sorted(self.table), dtype=np.float64)
             vs = np.fromiter((self.table[k] for k in ks.astype(int).tolist()), dtype=np.float64, count=ks.size)
             self._arrays = (dict(self.table), ks, vs)
         _, ks, vs = self._arrays
-        r = np.asarray(rows, dtype=np.float64)
-        below = np.maximum(np.searchsorted(ks, r, side="right") - 1, 0)  # the largest measured size <= rows
-        optimistic = vs[below] + (r - ks[below]) * EXPLORE_ROW_COST * self.table.get(1, vs[0])
-        inside = np.interp(r, ks, vs)  # linear between measured sizes, flat past the largest
-        out = np.where(r > ks[-1], optimistic, np.minimum(inside, optimistic))
-        return float(out) if np.ndim(out) == 0 else out
+        return _estimate(ks, vs, rows)
 
     def record(self, rows: int, seconds: float) -> bool:
         """A decode of ``rows`` rows took ``seconds``; returns True when t(rows) was refined."""

@@ -151,8 +151,8 @@ class Engine:
         self._sources: list[SuffixProposer] = []
 
     @property
-    def _verify_ms(self) -> dict[int, float] | None:
-        """t(k) in ms as measured so far (None before any measurement)."""
+    def cost_table(self) -> dict[int, float] | None:
+        """t(k) in ms by rows, as measured so far (None before any measurement)."""
         return self.costs.table or None
 
     def check_prompt(self, prompt_tokens) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .costs import interpolate
+from .costs import estimate_ms
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,10 @@ PROBE_MIN_GAIN = 1.15
 class TreePolicy:
     """Chooses a tree size per round; ``None`` means a plain one-token step."""
 
-    max_tokens: int
+    max_nodes: int  # draft nodes a tree may hold, the root not counted
     max_depth: int
     topk: int
-    verify_ms: dict[int, float]  # measured t(k) in ms for some k (1 included)
+    costs_ms: dict[int, float]  # measured t(k) in ms for some k (1 included): the cost model's table
     probe_every: int = 16  # plain steps between speculative probes
     draft_ms_per_depth: float = 0.0  # running estimate
     draft_ms_fixed: float = 0.0
@@ -44,19 +44,20 @@ class TreePolicy:
     _draft_samples: int = 0
     _best: tuple[int, int] | None = None  # cached until the next observation
     _probe_gap: int = 0
-    _chosen_at: dict = field(default_factory=dict)  # verify_ms when _best was chosen
+    _chosen_at: dict = field(default_factory=dict)  # costs_ms when _best was chosen
 
     def __post_init__(self) -> None:
         self._reach = np.array([1.0] + [0.7 ** d for d in range(1, self.max_depth + 1)])  # optimistic start
         self._probe_gap = self.probe_every
 
-    def verify_cost(self, n: int) -> float:
-        return interpolate(self.verify_ms, n)
+    def verify_cost(self, n):
+        """t(n) in ms (a number or an array), by the planner's own estimator."""
+        return estimate_ms(self.costs_ms, n)
 
     def costs_changed(self, n: int) -> None:
-        """t(n) in ``verify_ms`` was refined: choose again if it moved since the last choice."""
+        """t(n) in ``costs_ms`` was refined: choose again if it moved since the last choice."""
         old = self._chosen_at.get(n)
-        if old is None or abs(self.verify_ms[n] - old) > 0.05 * old:
+        if old is None or abs(self.costs_ms[n] - old) > 0.05 * old:
             self._best = None
 
     def expected(self, depth: int) -> float:
@@ -84,7 +85,7 @@ class TreePolicy:
     def candidates(self) -> tuple[np.ndarray, np.ndarray]:
         """(depths, draft tokens) of the trees considered: 1 to 3 nodes per level, in that order."""
         depth = np.repeat(np.arange(1, self.max_depth + 1), 3)
-        tokens = np.minimum(self.max_tokens, depth * np.tile([1, 2, 3], self.max_depth))
+        tokens = np.minimum(self.max_nodes, depth * np.tile([1, 2, 3], self.max_depth))
         keep = tokens >= depth
         return depth[keep], tokens[keep]
 
@@ -98,7 +99,7 @@ class TreePolicy:
         if self._best is None:
             best, speed = self._fastest(*self.candidates())
             self._best = best if speed > 1.0 / self.verify_cost(1) else (0, 0)
-            self._chosen_at = dict(self.verify_ms)
+            self._chosen_at = dict(self.costs_ms)
         if self._best != (0, 0):
             self._plain_steps, self._probe_gap = 0, self.probe_every
             return self._best

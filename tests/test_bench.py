@@ -53,13 +53,13 @@ def test_bench_json_and_plot(tmp_path, smollm2_path):
     assert s["rows_per_round"] == pytest.approx(sum(r["verified_rows"] for r in dov) / sum(r["rounds"] for r in dov))
     # acceptance, roofline and the free-draft figure, recomputed from the records and the measured t(k)
     from dovetail_gguf.bench import RunRecord, acceptance_by_depth, roofline
-    from dovetail_gguf.costs import interpolate
+    from dovetail_gguf.costs import estimate_ms
 
     assert s["acceptance_by_depth"] == pytest.approx(acceptance_by_depth([RunRecord(**r) for r in dov]))
     verify_ms = {int(k): v for k, v in report["settings"]["verify_ms"].items()}
     assert [s["roofline"], s["roofline_depth"]] == pytest.approx(list(roofline(verify_ms, s["acceptance_by_depth"])))
     assert s["free_draft_speedup"] == pytest.approx(
-        s["tau"] * float(interpolate(verify_ms, 1)) / float(interpolate(verify_ms, s["rows_per_round"])))
+        s["tau"] * float(estimate_ms(verify_ms, 1)) / float(estimate_ms(verify_ms, s["rows_per_round"])))
     assert "acceptance by depth" in r.stdout and "roofline" in r.stdout
     assert report["peak_rss_bytes"] > 50 * 2**20
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dovetail_gguf.policy import TreePolicy
@@ -12,7 +13,7 @@ FLAT = {1: 55.0, 2: 60.0, 4: 61.0, 8: 110.0, 16: 187.0}  # a 7B on 16 cores (sha
 
 
 def policy(costs, draft_ms=0.0) -> TreePolicy:
-    p = TreePolicy(max_tokens=16, max_depth=7, topk=10, verify_ms=costs, probe_every=4)
+    p = TreePolicy(max_nodes=16, max_depth=7, topk=10, costs_ms=costs, probe_every=4)
     p.draft_ms_per_depth = draft_ms
     return p
 
@@ -80,7 +81,7 @@ def test_roofline_and_acceptance_by_depth_from_bench_records():
     runs = [RunRecord("dovetail", 0, 10, 1.0, rounds=4, depth_drafted=[4, 4, 2], depth_accepted=[3, 2, 1]),
             RunRecord("dovetail", 1, 10, 1.0, rounds=2, depth_drafted=[2], depth_accepted=[0])]
     assert acceptance_by_depth(runs) == [0.5, 0.5, 0.5]  # P(accepted >= d | reached d)
-    linear = {k: 10.0 * k for k in (1, 2, 4, 8)}  # a compute-bound CPU: k rows cost k times one
+    linear = {k: 10.0 * k for k in range(1, 9)}  # a compute-bound CPU: k rows cost k times one (every size measured)
     assert roofline(linear, [0.9, 0.9, 0.9]) == (1.0, 0)  # nothing beats plain decoding there
     assert roofline(FLAT, []) == (1.0, 0)
     speed, depth = roofline(FLAT, [0.8, 0.75, 0.5])
@@ -95,7 +96,7 @@ def test_where_not_even_a_perfect_draft_could_pay_probes_are_rare():
     probes = [i for i in range(140) if p.choose() is not None]
     assert probes == [67, 131]  # not after 4 plain steps, only at the longest gap (16 x 4), to re-measure
     p.draft_ms_per_depth = 0.0  # a free draft where extra rows cost little would pay
-    p.verify_ms.update({2: 10.5, 4: 11.0})
+    p.costs_ms.update({2: 10.5, 4: 11.0})
     p.costs_changed(2)
     assert p.perfect_speed() > 1 / linear[1]
 
@@ -106,7 +107,8 @@ def test_where_a_perfect_draft_would_gain_little_probes_are_rare_too():
     catch it up, would be slower: probes wait for the longest gap."""
     from dovetail_gguf.policy import PROBE_MIN_GAIN
 
-    costs = {1: 15.0, 2: 24.0, 3: 33.0, 4: 40.0, 8: 70.0, 16: 120.0}
+    measured = {1: 15.0, 2: 24.0, 3: 33.0, 4: 40.0, 8: 70.0, 16: 120.0, 17: 126.0}
+    costs = {k: float(np.interp(k, list(measured), list(measured.values()))) for k in range(1, 18)}  # every size timed
     p = policy(costs, draft_ms=5.0)
     p._reach[1:] = 0.3  # acceptance measured low: no tree is chosen
     gain = p.perfect_speed() * costs[1]
