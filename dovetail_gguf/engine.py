@@ -112,6 +112,17 @@ class _Output:
         return self._stops.feed(self._detok.flush())[0] + self._stops.flush()
 
 
+@dataclass(eq=False)
+class _Run:
+    """One generation's state beside the engine's learned one: what its rounds read and write."""
+
+    sampler: Sampler
+    stats: GenerationStats
+    context: SuffixIndex | None  # the suffix index over prompt and answer (None: the engine does not look)
+    sources: list[SuffixProposer]  # the context's and the prediction's proposers
+    draft_len: int  # (feature, token) pairs the drafter holds
+
+
 class Engine:
     """Speculative generation over one target, an optional drafter, the suffix index and predictions."""
 
@@ -144,11 +155,7 @@ class Engine:
         self._hidden = np.zeros((self.target.n_ctx, self.target.n_embd), dtype=np.float32) if drafter else None
         self._hidden_lo = 0  # _hidden holds the features of positions _hidden_lo .. n_past - 1
         self._fresh_drafter = drafter is not None  # nothing of the target's cache may be reused for it yet
-        self._draft_len = 0  # pairs the drafter holds during a generation
         self._device_stats = getattr(drafter, "peak_memory_bytes", None)
-        # per generation: the context's suffix index, the prediction's proposer
-        self._context: SuffixIndex | None = None
-        self._sources: list[SuffixProposer] = []
 
     @property
     def cost_table(self) -> dict[int, float] | None:
@@ -251,22 +258,23 @@ class Engine:
             return self.target.tokenize(prediction, add_special=False, parse_special=False)
         return self.target.vocab.check_ids(np.asarray(prediction, dtype=np.int64), "prediction token ids")
 
-    def _start_sources(self, prompt: np.ndarray, prediction: np.ndarray) -> None:
-        """The suffix index over the prompt (when the engine looks for repeats) and the prediction's proposer."""
-        self._context = SuffixIndex(prompt) if self.ngram else None
-        self._sources = []
-        if self._context is not None:
-            self._sources.append(SuffixProposer(self._context, acceptance=self._context_acceptance))
+    def _start_sources(self, prompt: np.ndarray, prediction: np.ndarray) -> tuple[SuffixIndex | None, list[SuffixProposer]]:
+        """The suffix index over the prompt (when the engine looks for repeats), and the proposers of
+        the context and of the prediction."""
+        context = SuffixIndex(prompt) if self.ngram else None
+        sources = []
+        if context is not None:
+            sources.append(SuffixProposer(context, acceptance=self._context_acceptance))
         if prediction.size:
-            self._sources.append(prediction_proposer(prompt[-8:], prediction))
+            sources.append(prediction_proposer(prompt[-8:], prediction))
+        return context, sources
 
     def _record_cost(self, n: int, seconds: float) -> None:
         """A decode of ``n`` rows took ``seconds``: refine t(n) (the context grows, machines drift)."""
         if self.costs.record(n, seconds) and self.policy is not None:
             self.policy.costs_changed(n)
 
-    def _calibration_round(self, root: int, tail: list[int], room: int, free_cells: int, sampler: Sampler,
-                           stats: GenerationStats) -> list[int]:
+    def _calibration_round(self, root: int, tail: list[int], room: int, free_cells: int, run: _Run) -> list[int]:
         """A round of the size t(k) is next measured for, so timing costs no decode of its own.
 
         One row is a plain step; k rows verify the root and k - 1 free guesses: the sources'
@@ -275,18 +283,18 @@ class Engine:
         """
         rows = self.costs.calibration.pop(0)
         if rows == 1 or room < 2 or free_cells < 2:
-            pending = self._plain_step(root, sampler, stats)
+            pending = self._plain_step(root, run)
             proposals: list[Proposal] = []
         else:
             n = min(rows - 1, room - 1, free_cells - 1)
-            proposals = [s.propose(tail, n) for s in self._sources]
-            cands = self._candidates(root, proposals, sampler)
+            proposals = [s.propose(tail, n) for s in run.sources]
+            cands = self._candidates(root, proposals, run.sampler)
             guess = cands.tokens[likeliest_path(cands)[1 : n + 1]]
             chain = np.concatenate([guess, np.full(n - guess.size, root, dtype=np.int32)])
             plan = RoundPlan(np.arange(n + 1), np.append(np.int32(root), chain).astype(np.int32),
                              np.arange(-1, n, dtype=np.int32), np.zeros(n + 1, dtype=np.uint8), 0.0, 0.0)
-            pending, _ = self._verify(plan, sampler, stats)
-        self._observe_sources(proposals, pending)
+            pending, _ = self._verify(plan, run)
+        self._observe_sources(proposals, pending, run)
         if not self.costs.calibration and self.costs.finish_calibration():
             if self.adaptive and self.drafter is not None and self.policy is None:
                 self.policy = self._make_policy()
@@ -298,7 +306,7 @@ class Engine:
         return TreePolicy(self.tree.tokens, self.tree.depth, self.tree.topk, self.costs.table,
                           draft_ms_per_depth=float(getattr(self.drafter, "step_ms", 0.0)))
 
-    def _plain_step(self, root: int, sampler: Sampler, stats: GenerationStats) -> list[int]:
+    def _plain_step(self, root: int, run: _Run) -> list[int]:
         """Decode one token; the next token is sampled from its logits."""
         t = self.target
         tv = time.perf_counter()
@@ -306,11 +314,11 @@ class Engine:
         if self._hidden is not None:
             self._hidden[t.n_past - 1] = hidden
         seconds = time.perf_counter() - tv
-        stats.verify_seconds += seconds
+        run.stats.verify_seconds += seconds
         self._record_cost(1, seconds)
-        stats.accepted_tokens += 1
-        stats.verified_rows += 1
-        return [sampler.choose(logits)]
+        run.stats.accepted_tokens += 1
+        run.stats.verified_rows += 1
+        return [run.sampler.choose(logits)]
 
     def _draft(self, root: int, tree: TreeConfig, draft_len: int) -> DraftTree:
         """The drafter's tree below ``root``, after feeding it the pairs it lacks."""
@@ -319,9 +327,9 @@ class Engine:
         pair_tokens = np.append(t.history(draft_len + 1), root).astype(np.int32)
         return self.drafter.propose(feats, pair_tokens, tree)
 
-    def _verify(self, plan: RoundPlan, sampler: Sampler, stats: GenerationStats) -> tuple[list[int], np.ndarray]:
+    def _verify(self, plan: RoundPlan, run: _Run) -> tuple[list[int], np.ndarray]:
         """Verify the plan's nodes in one call, accept, commit. Returns (tokens emitted, accepted path)."""
-        t = self.target
+        t, sampler, stats = self.target, run.sampler, run.stats
         tv = time.perf_counter()
         res = t.verify_tree(plan.tokens, plan.parents)
         self._record_cost(plan.rows, time.perf_counter() - tv)
@@ -347,18 +355,18 @@ class Engine:
         t0 = time.perf_counter()
         try:
             sampler = self._sampler(request)
-            logits, self._draft_len = self._prefill(prompt)  # pairs the drafter holds
+            logits, draft_len = self._prefill(prompt)  # pairs the drafter holds
             stats.prefill_seconds = time.perf_counter() - t0
-            self._start_sources(prompt, request.prediction)
+            run = _Run(sampler, stats, *self._start_sources(prompt, request.prediction), draft_len)
             if self.adaptive and self.drafter is not None and self.policy is None:
                 self.policy = self._make_policy()  # None until t(k) is known (cached, or timed by the first rounds)
-            elif self.adaptive and self._sources:
+            elif self.adaptive and run.sources:
                 self.costs.ready()  # loads the cache, or starts calibrating
             pending = [sampler.choose(logits)]
             while True:
                 sampler.accept(pending)
-                if self._context is not None:
-                    self._context.extend(pending)  # the stream is the context and the root
+                if run.context is not None:
+                    run.context.extend(pending)  # the stream is the context and the root
                 yield from out.emit(pending)  # 1. what the last step produced, up to a stop condition
                 if out.finish:
                     break
@@ -368,7 +376,7 @@ class Engine:
                     break
                 stats.rounds += 1
                 room = min(room, options.max_tokens - len(out.tokens))  # a round emits at most one token per row
-                pending = self._round(pending[-1], room, sampler, stats)  # 2. one round
+                pending = self._round(pending[-1], room, run)  # 2. one round
         except GeneratorExit:  # closed by the caller (a client went away): not a normal end
             out.finish = out.finish or "cancelled"
             raise
@@ -392,38 +400,38 @@ class Engine:
             yield tail
 
     # ------------------------------------------------------------------ one round
-    def _round(self, root: int, room: int, sampler: Sampler, stats: GenerationStats) -> list[int]:
+    def _round(self, root: int, room: int, run: _Run) -> list[int]:
         """Propose, plan, verify, accept, commit. Returns the tokens the round emits.
 
         Trees stay inside the attention window a plain step would use, so their logits are
         bit-identical to plain decoding's.
         """
-        t = self.target
+        t, sampler, stats = self.target, run.sampler, run.stats
         tr, verify_before = time.perf_counter(), stats.verify_seconds
         limit = min(t.n_cells - t.n_past, t.window_room, self._node_limit(), room)  # rows, root included
-        tail = self._tail(root)
+        tail = self._tail(root, run)
         if self.costs.calibration:
-            return self._calibration_round(root, tail, room, limit, sampler, stats)
-        proposals = [s.propose(tail, limit - 1) for s in self._sources] if limit >= 2 else []
+            return self._calibration_round(root, tail, room, limit, run)
+        proposals = [s.propose(tail, limit - 1) for s in run.sources] if limit >= 2 else []
         plan = self._plan(root, proposals, limit, sampler)
         draft_ms = predicted_draft_ms = 0.0
         tree = self._draft_tree(plan, room, limit)
         if tree is not None:
             predicted_draft_ms = self._predicted_draft_ms(tree)
-            steady = t.n_past - self._draft_len <= self.tree.depth  # catching up on many positions is not typical
+            steady = t.n_past - run.draft_len <= self.tree.depth  # catching up on many positions is not typical
             td = time.perf_counter()
-            proposals.append(self._draft_source.proposal(self._draft(root, tree, self._draft_len)))
+            proposals.append(self._draft_source.proposal(self._draft(root, tree, run.draft_len)))
             draft_ms = 1000 * (time.perf_counter() - td)
             stats.draft_seconds += draft_ms / 1000
             stats.draft_rounds += 1
-            self._draft_len = t.n_past
+            run.draft_len = t.n_past
             plan = self._plan(root, proposals, limit, sampler)
         if plan.plain:
-            pending, path = self._plain_step(root, sampler, stats), np.zeros(1, dtype=np.int64)
+            pending, path = self._plain_step(root, run), np.zeros(1, dtype=np.int64)
         else:
-            pending, path = self._verify(plan, sampler, stats)
+            pending, path = self._verify(plan, run)
         self._observe_round(plan, path, proposals, pending, tree, draft_ms if tree is not None and steady else None,
-                            stats)
+                            run)
         verify_ms = 1000 * (stats.verify_seconds - verify_before)
         round_ms = 1000 * (time.perf_counter() - tr)
         self.costs.record_overhead(round_ms - draft_ms - verify_ms)
@@ -438,10 +446,10 @@ class Engine:
             return float(self.policy.draft_ms(tree.depth))
         return float(getattr(self.drafter, "step_ms", 0.0)) * tree.depth
 
-    def _tail(self, root: int) -> list[int]:
+    def _tail(self, root: int, run: _Run) -> list[int]:
         """The context's last tokens, the root included: what the suffix sources match."""
-        if self._context is not None:
-            return self._context.tokens[-64:].tolist()
+        if run.context is not None:
+            return run.context.tokens[-64:].tolist()
         return [*self.target.history(max(0, self.target.n_past - 63)).tolist(), root]
 
     @staticmethod
@@ -478,9 +486,10 @@ class Engine:
         return self._fit_tree(TreeConfig(tokens=tokens, depth=depth, topk=min(self.tree.topk, tokens)), room, limit)
 
     def _observe_round(self, plan: RoundPlan, path: np.ndarray, proposals: list[Proposal], pending: list[int],
-                       tree: TreeConfig | None, draft_ms: float | None, stats: GenerationStats) -> None:
+                       tree: TreeConfig | None, draft_ms: float | None, run: _Run) -> None:
         """Every source learns from what the round emitted; the tree policy and the statistics from what it verified."""
-        self._observe_sources(proposals, pending)
+        stats = run.stats
+        self._observe_sources(proposals, pending, run)
         on_path = (plan.sources[path[1:]] & PREDICTION) > 0 if path.size > 1 else np.zeros(0, dtype=bool)
         stats.accepted_prediction_tokens += int(on_path.sum())
         stats.rejected_prediction_tokens += int(((plan.sources[1:] & PREDICTION) > 0).sum() - on_path.sum())
@@ -498,10 +507,10 @@ class Engine:
         if self.policy is not None:
             self.policy.observe(reached, min(on_tree, reached), draft_ms)
 
-    def _observe_sources(self, proposals: list[Proposal], pending: list[int]) -> None:
+    def _observe_sources(self, proposals: list[Proposal], pending: list[int], run: _Run) -> None:
         for prop in proposals:
             source = self._draft_source if prop.source == DRAFT else next(
-                (s for s in self._sources if s.source == prop.source), None)
+                (s for s in run.sources if s.source == prop.source), None)
             if source is not None:
                 source.observe(prop, pending)
 
