@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from ..api import Dovetail
-from ..errors import InvalidArgumentError
 from .worker import EngineWorker
 
 
@@ -41,8 +40,7 @@ def router(dt: Dovetail, worker: EngineWorker) -> APIRouter:
 
     @api.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
-        if req.tokens and (min(req.tokens) < 0 or max(req.tokens) >= dt.target.n_vocab):
-            raise InvalidArgumentError(f"token ids must be in 0..{dt.target.n_vocab - 1}")
+        dt.target.vocab.check_ids(req.tokens)  # a 400 for an id outside the vocabulary
         data = await run_in_threadpool(lambda: b"".join(_token_piece(dt, t) for t in req.tokens))
         return {"content": data.decode("utf-8", errors="replace")}
 
