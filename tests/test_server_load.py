@@ -133,8 +133,7 @@ def test_two_hundred_concurrent_clients_get_answers_or_429(live):
 
 def test_429_carries_retry_after_and_openai_shape(live, dt, monkeypatch):
     gate = threading.Event()
-    real = dt.engine._round
-    monkeypatch.setattr(dt.engine, "_round", lambda *a, **k: gate.wait(30) and real(*a, **k))
+    monkeypatch.setattr(dt.target, "on_decode", lambda rows, seconds: gate.wait(30))  # the engine stays busy
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
@@ -154,8 +153,7 @@ def test_429_carries_retry_after_and_openai_shape(live, dt, monkeypatch):
 def test_fifo_order_and_a_cancelled_queued_request_frees_its_place(live, dt, monkeypatch):
     gate = threading.Event()
     order: list[int] = []
-    real_round = dt.engine._round
-    monkeypatch.setattr(dt.engine, "_round", lambda *a, **k: gate.wait(30) and real_round(*a, **k))
+    monkeypatch.setattr(dt.target, "on_decode", lambda rows, seconds: gate.wait(30))  # the engine stays busy
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
