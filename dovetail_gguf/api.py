@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Sequence
 from .chat import Message, chat_tokens
 from .engine import Engine, Generation, Request
 from .errors import InvalidArgumentError
+from .fim import Chunk, infill_prompt
 from .models import default_draft_for, resolve_target
 from .options import GenerateOptions
 from .types import GenerationResult, TreeConfig
@@ -133,9 +134,32 @@ class Dovetail:
                 raise InvalidArgumentError(str(e).replace("__init__()", "generation options")) from None
         return self.engine.prepare(prompt_tokens, options)
 
-    def generate(self, prompt: str, **kwargs) -> GenerationResult:
-        """Generate after ``prompt``; keyword arguments as in :class:`GenerateOptions` (or ``options=``)."""
-        return self.generate_tokens(self.tokenize_prompt(prompt), **kwargs)
+    def infill_tokens(self, prefix: str, suffix: str, extra: Sequence[Chunk | dict] = (), prompt: str = "",
+                      max_tokens: int | None = None) -> list[int]:
+        """Token ids of a fill-in-the-middle prompt (see fim.py): the middle between ``prefix`` and
+        ``suffix``, with other files of the project as ``extra`` chunks ({"text", "filename"}), cut to
+        leave ``max_tokens`` of the context. Raises InvalidArgumentError for a model without FIM tokens."""
+        self._check_open()
+        chunks = [c if isinstance(c, Chunk) else Chunk(str(c.get("text", "")), str(c.get("filename", "tmp")))
+                  for c in extra]
+        return infill_prompt(self.target, prefix, suffix, chunks, prompt,
+                             max_tokens if max_tokens is not None else GenerateOptions().max_tokens).tolist()
+
+    def _prompt_tokens(self, prompt: str, suffix: str | None, extra, kwargs: dict) -> list[int]:
+        if suffix is None:
+            if extra:
+                raise InvalidArgumentError("extra chunks are context for fill-in-the-middle: give a suffix too")
+            return self.tokenize_prompt(prompt)
+        options = kwargs.get("options")
+        max_tokens = options.max_tokens if options is not None else kwargs.get("max_tokens")
+        return self.infill_tokens(prompt, suffix, extra, max_tokens=max_tokens if isinstance(max_tokens, int) else None)
+
+    def generate(self, prompt: str, suffix: str | None = None, extra: Sequence[Chunk | dict] = (),
+                 **kwargs) -> GenerationResult:
+        """Generate after ``prompt``; keyword arguments as in :class:`GenerateOptions` (or ``options=``).
+        With ``suffix``: fill in the middle between ``prompt`` and ``suffix`` (a code model's FIM
+        format, ``extra`` files of the project before them; see :meth:`infill_tokens`)."""
+        return self.generate_tokens(self._prompt_tokens(prompt, suffix, extra, kwargs), **kwargs)
 
     def generate_tokens(self, prompt_tokens: Sequence[int], **kwargs) -> GenerationResult:
         stream = self.stream_tokens(prompt_tokens, **kwargs)
@@ -143,9 +167,10 @@ class Dovetail:
             pass
         return stream.result
 
-    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
+    def stream(self, prompt: str, suffix: str | None = None, extra: Sequence[Chunk | dict] = (),
+               **kwargs) -> Iterator[str]:
         """Text pieces as they are generated; they join to the text ``generate`` returns."""
-        return self.stream_tokens(self.tokenize_prompt(prompt), **kwargs)
+        return self.stream_tokens(self._prompt_tokens(prompt, suffix, extra, kwargs), **kwargs)
 
     def stream_tokens(self, prompt_tokens: Sequence[int], **kwargs) -> "Stream":
         return Stream(self, self.prepare(prompt_tokens, **kwargs))
@@ -154,6 +179,15 @@ class Dovetail:
         """Run a request :meth:`prepare` checked (the server checks before queueing, runs later)."""
         self._check_open()
         return Stream(self, request)
+
+    def warm(self, request: Request) -> None:
+        """Evaluate a prepared request's prompt into the KV cache without generating (see Engine.warm)."""
+        self._check_open()
+        self._acquire()
+        try:
+            self.engine.warm(request)
+        finally:
+            self._release()
 
     def chat(self, messages: Iterable[Message], stream: bool = False, **kwargs):
         """Answer the last message of a chat; returns a result, or a :class:`Stream` if ``stream``."""

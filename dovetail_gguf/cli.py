@@ -299,11 +299,14 @@ def info(gguf: str) -> None:
               help="Predicted output (OpenAI's Predicted Outputs): a text file the answer is expected to repeat, "
                    "e.g. the file being edited. Matching stretches are verified in long chains; the output is the "
                    "same with or without it.")
+@click.option("--suffix", "suffix_file", type=click.Path(dir_okay=False), default=None,
+              help="Fill in the middle: a text file of what follows the gap (PROMPT is what precedes it). Needs a "
+                   "model with FIM tokens (e.g. --target qwen2.5-coder-0.5b).")
 @click.option("--logprobs", "top_logprobs", type=int, default=None,
               help=f"With --json: each token's log-probability and this many likeliest alternatives "
                    f"({LIMITS['logprobs'].bounds()}).")
 def generate(prompt: str | None, prompt_option: str | None, chat: bool, as_json: bool, prediction_file: str | None,
-             top_logprobs: int | None, **kw) -> None:
+             suffix_file: str | None, top_logprobs: int | None, **kw) -> None:
     """Generate text after PROMPT or -p PROMPT ('-' reads it from stdin). Plain output streams as it is generated."""
     if (prompt is None) == (prompt_option is None):
         raise DovetailError("give the prompt once: as the PROMPT argument or as -p/--prompt")
@@ -311,11 +314,19 @@ def generate(prompt: str | None, prompt_option: str | None, chat: bool, as_json:
     if prompt == "-":  # bytes that are not UTF-8 become U+FFFD rather than a crash
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     prediction = _read_text(prediction_file, "prediction") if prediction_file is not None else None
+    suffix = _read_text(suffix_file, "suffix") if suffix_file is not None else None
+    if suffix is not None and chat:
+        raise DovetailError("--suffix fills in the middle of a file; it does not combine with --chat")
     if top_logprobs is not None and not as_json:
         raise DovetailError("--logprobs needs --json (the log-probabilities are part of its output)")
     options = SamplingChoice.take(kw).options(prediction=prediction, logprobs=top_logprobs)
     dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
-    tokens = dt.chat_prompt_tokens([{"role": "user", "content": prompt}]) if chat else dt.tokenize_prompt(prompt)
+    if suffix is not None:
+        tokens = dt.infill_tokens(prompt, suffix, max_tokens=options.max_tokens)
+    elif chat:
+        tokens = dt.chat_prompt_tokens([{"role": "user", "content": prompt}])
+    else:
+        tokens = dt.tokenize_prompt(prompt)
     if as_json:
         result = dt.generate_tokens(tokens, options=options)
         out = {"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,

@@ -201,11 +201,20 @@ class Engine:
         request.started = True
         return Generation(self, request)
 
+    def warm(self, request: Request) -> None:
+        """Evaluate a prepared request's prompt into the cache and generate nothing: a later prompt
+        that shares its prefix starts from there (an editor warming the cache with new context)."""
+        if request.started:
+            raise InvalidArgumentError("a prepared request runs once; prepare it again")
+        request.started = True
+        self._prefill(request.prompt)
+        self.costs.save()
+
     # ------------------------------------------------------------------ phases
-    def _prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, int]:
+    def _prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, int, int]:
         """Reuse the longest cached prefix, evaluate the rest.
 
-        Returns (last logits, pairs the drafter holds). The target keeps the
+        Returns (last logits, pairs the drafter holds, prompt tokens reused from the cache). The target keeps the
         whole reused prefix; a drafter that holds less of it (after a stretch
         of plain decoding, say) catches up at its next draft from the target
         features stored for every committed position.
@@ -244,7 +253,7 @@ class Engine:
         logits, hidden = t.decode_one(int(prompt[-1]))
         if self._hidden is not None:
             self._hidden[prompt.size - 1] = hidden
-        return logits.copy(), held
+        return logits.copy(), held, n_keep
 
     def _sampler(self, request: Request) -> Sampler:
         grammar, request.grammar = request.grammar, None  # the sampler owns and closes it
@@ -355,7 +364,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             sampler = self._sampler(request)
-            logits, draft_len = self._prefill(prompt)  # pairs the drafter holds
+            logits, draft_len, stats.n_cached_tokens = self._prefill(prompt)  # pairs the drafter holds
             stats.prefill_seconds = time.perf_counter() - t0
             run = _Run(sampler, stats, *self._start_sources(prompt, request.prediction), draft_len)
             if self.adaptive and self.drafter is not None and self.policy is None:

@@ -80,6 +80,7 @@ class RoundRecord:
 @dataclass
 class GenerationStats:
     n_prompt_tokens: int = 0
+    n_cached_tokens: int = 0  # prompt tokens reused from the KV cache (not evaluated again)
     n_tokens: int = 0
     rounds: int = 0
     accepted_tokens: int = 0  # tokens emitted by rounds (bonus included)

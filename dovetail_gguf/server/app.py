@@ -59,7 +59,7 @@ def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, defaul
 
     keyed = [Depends(check_key)]
     app.include_router(openai.router(dt, worker, model_name, default_max_tokens), dependencies=keyed)
-    app.include_router(llamacpp.router(dt, worker), dependencies=keyed)
+    app.include_router(llamacpp.router(dt, worker, model_name, default_max_tokens), dependencies=keyed)
     return app
 
 

@@ -1,14 +1,91 @@
-"""llama.cpp server's extensions: ``/tokenize``, ``/detokenize`` and ``/metrics`` (Prometheus)."""
+"""llama.cpp server's surface: ``/infill`` (fill-in-the-middle, as llama.vim and llama.vscode send it),
+``/tokenize``, ``/detokenize`` and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from ..api import Dovetail
-from .worker import EngineWorker
+from ..errors import DovetailError
+from .errors import error_body, error_response
+from .options import prepare
+from .worker import EngineWorker, Job
+
+# llama.cpp's sampler names this server's fixed chain covers; "infill" (llama.cpp's end-of-middle
+# heuristic) is accepted and not applied: the middle ends where the target emits an end token
+SAMPLERS = frozenset({"penalties", "top_k", "top_p", "min_p", "temperature", "infill"})
+# request fields that change nothing here: accepted and ignored
+INFILL_IGNORED = frozenset({"cache_prompt", "id_slot", "t_max_prompt_ms", "n_probs", "model"})
+
+
+class ExtraChunk(BaseModel):
+    """One element of ``input_extra``: another file of the project."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = ""
+    filename: str = "tmp"
+
+
+class InfillRequest(BaseModel):
+    """llama.cpp server's ``/infill`` body. Bounds and defaults of the generation fields are the
+    options table's; ``n_predict`` is its max_tokens (-1 or absent: the server's default)."""
+
+    model_config = ConfigDict(extra="ignore")  # only INFILL_IGNORED gets this far (see _known_fields)
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[ExtraChunk] = []
+    prompt: str = ""  # continues the prefix (the start of the current line, say)
+    n_predict: int | None = None
+    n_indent: int = 0  # stop at a line indented less than this (the first line excepted)
+    t_max_predict_ms: int | None = None  # stop once this long has passed and a line has ended
+    samplers: list[str] | None = None
+    stream: bool = False
+    response_fields: list[str] | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data):
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields and k not in INFILL_IGNORED]
+            if unknown:
+                raise PydanticCustomError("unsupported_field", "unsupported field {field}: the server cannot honour it",
+                                          {"field": repr(unknown[0])})
+        return data
+
+    @field_validator("samplers")
+    @classmethod
+    def _known_samplers(cls, v):
+        other = [name for name in v or () if name not in SAMPLERS]
+        if other:
+            raise ValueError(f"sampler {other[0]!r} is not supported (supported: {', '.join(sorted(SAMPLERS))})")
+        return v
+
+    def options_fields(self) -> dict:
+        out = {k: getattr(self, k) for k in ("temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
+                                             "repeat_last_n", "presence_penalty", "frequency_penalty")
+               if getattr(self, k) is not None}
+        if self.n_predict is not None and self.n_predict >= 0:
+            out["max_tokens"] = self.n_predict
+        return out
 
 
 class TokenizeRequest(BaseModel):
@@ -26,9 +103,36 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def router(dt: Dovetail, worker: EngineWorker) -> APIRouter:
-    """The routes over ``dt``'s vocabulary and ``worker``'s counters."""
+def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_tokens: int) -> APIRouter:
+    """The routes over ``dt``'s vocabulary and ``worker``'s engine and counters."""
     api = APIRouter()
+
+    @api.post("/infill")
+    async def infill(req: InfillRequest, request: Request) -> Any:
+        fields = req.options_fields()
+        warm = fields.get("max_tokens") == 0  # n_predict 0: only bring the new context into the cache
+        if warm:
+            fields["max_tokens"] = 1
+        n = fields.get("max_tokens", default_max_tokens)
+        extra = [c.model_dump() for c in req.input_extra]
+        tokens = await run_in_threadpool(dt.infill_tokens, req.input_prefix, req.input_suffix, extra, req.prompt, n)
+        prepared = await prepare(dt, tokens, fields, default_max_tokens)
+        job = Job(prepared, asyncio.get_running_loop(), warm_only=warm)
+        worker.submit(job)  # QueueFullError -> 429
+        shape = InfillShape(model_name, req)
+        if req.stream and not warm:
+            return StreamingResponse(_infill_events(worker, job, shape), media_type="text/event-stream")
+        try:
+            async for kind, value in _infill_run(worker, job, shape, request):
+                if kind == "error":
+                    return JSONResponse(status_code=400 if isinstance(value, DovetailError) else 500,
+                                        content=error_body(value))
+                if kind == "gone":
+                    return error_response(499, "client closed the request")
+                if kind == "done":
+                    return shape.body(value, warm)
+        finally:
+            worker.cancel(job)  # a no-op once done
 
     @api.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
@@ -62,3 +166,132 @@ def _piece_json(piece: bytes) -> str | list[int]:
         return piece.decode("utf-8")
     except UnicodeDecodeError:
         return list(piece)
+
+
+class InfillStops:
+    """llama.cpp's infill stop rules over the middle's text: a line indented less than ``n_indent``
+    (the first line excepted) ends it before that line; past ``t_max_predict_ms``, the end of a line does."""
+
+    def __init__(self, n_indent: int, t_max_predict_ms: int | None):
+        self.n_indent = n_indent
+        self.deadline = time.monotonic() + t_max_predict_ms / 1000 if t_max_predict_ms and t_max_predict_ms > 0 else None
+        self.text = ""
+        self.sent = 0  # characters of ``text`` released so far
+        self.done = False
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text to release now, whether the middle ends here); nothing more once it ended."""
+        if self.done:
+            return "", True
+        self.text += piece
+        end = len(self.text)
+        stop = False
+        if self.n_indent > 0:
+            start = self.text.find("\n") + 1
+            while start > 0:  # every line after the first: its indentation, once it has content
+                nxt = self.text.find("\n", start)
+                line = self.text[start: nxt if nxt >= 0 else len(self.text)]
+                body = line.lstrip(" \t")
+                if body and len(line) - len(body) < self.n_indent:
+                    end, stop = start, True
+                    break
+                start = nxt + 1 if nxt >= 0 else 0
+        if not stop and self.deadline is not None and time.monotonic() > self.deadline and "\n" in self.text:
+            end, stop = self.text.rfind("\n") + 1, True
+        if stop:
+            self.text, self.done = self.text[:end], True
+        out = self.text[self.sent: max(end, self.sent)] if stop else self.text[self.sent:]
+        self.sent += len(out)
+        return out, stop
+
+
+class InfillShape:
+    """llama.cpp's /infill (and /completion) response: whole, or as server-sent event chunks."""
+
+    def __init__(self, model_name: str, req: InfillRequest):
+        self.model_name = model_name
+        self.fields = req.response_fields
+        self.stops = InfillStops(req.n_indent, req.t_max_predict_ms)
+        self.cut = False  # an infill rule ended the middle
+
+    def chunk(self, text: str) -> dict:
+        return {"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": 0}
+
+    def body(self, result, warm: bool = False) -> dict:
+        text = "" if warm or result is None else self.stops.text if self.cut else result.text
+        s = result.stats if result is not None else None
+        prompt_n = s.n_prompt_tokens - s.n_cached_tokens if s else 0
+        prompt_ms = 1000 * s.prefill_seconds if s else 0.0
+        predicted_n = s.n_tokens if s else 0
+        predicted_ms = 1000 * s.decode_seconds if s else 0.0
+        stop_type = "limit" if self.cut or (result is not None and result.finish_reason != "stop") else "eos"
+        out = {
+            "index": 0, "content": text, "tokens": [], "id_slot": 0, "stop": True, "model": self.model_name,
+            "tokens_predicted": predicted_n, "tokens_evaluated": s.n_prompt_tokens if s else 0,
+            "tokens_cached": (s.n_prompt_tokens + predicted_n) if s else 0, "truncated": False,
+            "has_new_line": "\n" in text, "stop_type": "none" if warm else stop_type, "stopping_word": "",
+            "timings": {"prompt_n": prompt_n, "prompt_ms": prompt_ms,
+                        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+                        "prompt_per_second": 1000 * prompt_n / prompt_ms if prompt_ms else 0.0,
+                        "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+                        "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+                        "predicted_per_second": 1000 * predicted_n / predicted_ms if predicted_ms else 0.0},
+        }
+        if self.fields is None:
+            return out
+        return {path: _at(out, path) for path in self.fields if _at(out, path) is not None}
+
+
+def _at(doc: dict, path: str):
+    """The value at a ``a/b`` path of ``doc`` (llama.cpp's response_fields), or None."""
+    for key in path.split("/"):
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
+async def _infill_run(worker: EngineWorker, job: Job, shape: InfillShape, request: Request | None):
+    """The job's events with the infill rules applied: ("piece", text), then ("done", result) or
+    ("error", e), or ("gone", None) once the client left. A rule that ends the middle cancels the job."""
+    checked = time.monotonic()
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            kind = None
+        if request is not None and time.monotonic() - checked > 0.5:
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                worker.cancel(job)
+                yield "gone", None
+                return
+        if kind == "piece" and not shape.cut:
+            text, stop = shape.stops.feed(value)
+            if text:
+                yield "piece", text
+            if stop:  # the middle ends here: free the engine; its result still comes ("done")
+                shape.cut = True
+                worker.cancel(job)
+                await run_in_threadpool(job.finished.wait, 60)
+                yield "done", job.result
+                return
+        elif kind in ("done", "error"):
+            yield kind, value
+            return
+
+
+async def _infill_events(worker: EngineWorker, job: Job, shape: InfillShape) -> AsyncIterator[str]:
+    """llama.cpp's stream: ``data: {chunk}`` lines, the last with ``stop: true`` and the timings."""
+    try:
+        async for kind, value in _infill_run(worker, job, shape, None):
+            if kind == "piece":
+                yield "data: " + json.dumps(shape.chunk(value)) + "\n\n"
+            elif kind == "done":
+                yield "data: " + json.dumps(shape.body(value)) + "\n\n"
+                return
+            else:
+                yield "data: " + json.dumps(error_body(value)) + "\n\n"
+                return
+    finally:
+        worker.cancel(job)

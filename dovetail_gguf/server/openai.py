@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..api import Dovetail
-from ..errors import DovetailError
+from ..errors import DovetailError, InvalidArgumentError
 from ..structured import could_be_tool_call, tool_call_grammar
 from .errors import error_body, error_response
 from ..engine import Request as EngineRequest
@@ -41,7 +41,15 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
 
     @api.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        tokens = await run_in_threadpool(dt.tokenize_prompt, req.prompt) if isinstance(req.prompt, str) else req.prompt
+        if req.suffix is not None:  # fill in the middle: the model's FIM layout of prompt and suffix
+            if not isinstance(req.prompt, str):
+                raise InvalidArgumentError("suffix needs the prompt as text (the code before the gap)")
+            tokens = await run_in_threadpool(dt.infill_tokens, req.prompt, req.suffix, (), "",
+                                             req.max_tokens or default_max_tokens)
+        elif isinstance(req.prompt, str):
+            tokens = await run_in_threadpool(dt.tokenize_prompt, req.prompt)
+        else:
+            tokens = req.prompt
         prepared = await prepare(dt, tokens, req.options_fields(), default_max_tokens)  # checks token ids too
         return await _respond(worker, request, req, prepared, model_name, chat=False)
 

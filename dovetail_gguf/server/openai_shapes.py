@@ -287,6 +287,7 @@ class ChatRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] = Field(min_length=1)
+    suffix: str | None = None  # fill in the middle between prompt and suffix (a model with FIM tokens)
     logprobs: int | None = None  # alternatives per token
 
     def n_logprobs(self) -> int | None:

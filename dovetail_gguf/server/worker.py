@@ -82,8 +82,11 @@ class Job:
 
     request: Request
     loop: asyncio.AbstractEventLoop
+    warm_only: bool = False  # evaluate the prompt into the cache, generate nothing (then "done", None)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)  # set once the engine let go of it
+    result: object = None  # the GenerationResult, also of a cancelled generation (once ``finished``)
 
     def send(self, kind: str, value) -> None:
         try:
@@ -156,15 +159,26 @@ class EngineWorker:
                 self._busy = False
 
     def _serve(self, job: Job) -> None:
+        try:
+            self._generate(job)
+        finally:
+            job.finished.set()
+
+    def _generate(self, job: Job) -> None:
         if job.cancelled.is_set():
             return
         try:
+            if job.warm_only:
+                self.dt.warm(job.request)
+                job.send("done", None)
+                return
             stream = self.dt.stream_request(job.request)
             for piece in stream:
                 if job.cancelled.is_set():
                     break
                 job.send("piece", piece)
             stream.close()  # also frees the engine after a cancel
+            job.result = stream.result
             self.metrics.generation(stream.result)
             if not job.cancelled.is_set():
                 job.send("done", stream.result)
