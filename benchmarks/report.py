@@ -34,6 +34,8 @@ WORKLOADS = {  # name: (what it is, the prompts and flags behind it)
     "humaneval-chat": ("HumanEval problems as chat requests", "--chat (HumanEval 0-19)"),
     "humaneval": ("HumanEval completions", "(HumanEval 0-19, raw prompts)"),
     "prose-chat": ("prose requests", "--prompts benchmarks/prompts_general.jsonl --chat"),
+    "fim": ("fill-in-the-middle requests", "--prompts benchmarks/prompts/fim.jsonl"),
+    "fim-repeat": ("fill-in-the-middle, the middle elsewhere in the context", "--prompts benchmarks/prompts/fim_repeat.jsonl"),
 }
 NAME = re.compile(r"^(?P<date>\d{4}-\d{2}-\d{2})_(?P<machine>[a-z0-9-]+?)_(?P<target>" +
                   "|".join(map(re.escape, TARGETS)) + r")_(?P<workload>" + "|".join(map(re.escape, WORKLOADS)) + r")\.json$")

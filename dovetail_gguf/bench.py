@@ -51,8 +51,15 @@ def humaneval_prompts(n: int | None = None) -> list[str]:
     return prompts[:n] if n else prompts
 
 
-def file_prompts(path: str | os.PathLike, n: int | None = None) -> list[str]:
+def file_prompts(path: str | os.PathLike, n: int | None = None) -> list[str] | list[dict]:
+    """The prompts of a JSON-lines file: ``{"prompt": ...}`` rows, or fill-in-the-middle requests
+    ``{"prefix", "suffix", "extra": [{"filename", "text"}], "middle"}`` (``middle``: the held-out
+    reference, for the exact-match rate)."""
     from .train.data import read_prompts
+
+    fim = _fim_rows(path)
+    if fim is not None:
+        return fim[:n] if n else fim
 
     out = []
     for prompt, messages in read_prompts(path):
@@ -60,6 +67,21 @@ def file_prompts(path: str | os.PathLike, n: int | None = None) -> list[str]:
             raise InvalidArgumentError(f"{path}: bench prompts need a 'prompt' field (raw completion)")
         out.append(prompt.text)
     return out[:n] if n else out
+
+
+def _fim_rows(path) -> list[dict] | None:
+    """The file's rows if they are fill-in-the-middle requests (its first row has a suffix), else None."""
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # read_prompts reports what is wrong
+    if not rows or not isinstance(rows[0], dict) or "suffix" not in rows[0]:
+        return None
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("prefix"), str) or not isinstance(row.get("suffix"), str):
+            raise InvalidArgumentError(f"{path}:{i}: a fill-in-the-middle request needs prefix and suffix text")
+    return rows
 
 
 @dataclass
@@ -233,7 +255,11 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
             raise InvalidArgumentError("no draft for this target: pass --draft DIR, or leave dovetail out of --systems")
     if NGRAM in systems:
         engines[NGRAM] = Dovetail(target_path, False, tree=tree, target_config=tcfg, adaptive=adaptive, ngram=True)
-    encoded = [plain.chat_prompt_tokens([{"role": "user", "content": p}]) if chat else plain.tokenize_prompt(p)
+    if chat and any(isinstance(p, dict) for p in prompts):
+        raise InvalidArgumentError("fill-in-the-middle requests are not chat messages: leave out --chat")
+    encoded = [plain.infill_tokens(p["prefix"], p["suffix"], p.get("extra", ()), max_tokens=max_tokens)
+               if isinstance(p, dict) else
+               plain.chat_prompt_tokens([{"role": "user", "content": p}]) if chat else plain.tokenize_prompt(p)
                for p in prompts]
     # prompt lookup keeps logits for every position of its context (n_ctx x n_vocab floats): a context
     # that holds the longest prompt, the answer and a draft, and no more
@@ -292,6 +318,13 @@ def run_bench(prompts: list[str], target_path, draft, max_tokens: int = 128, thr
         "records": [vars(r) for r in records],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_gpu_bytes": peak_gpu}
     report["summary"] = summarize(records, t_ms=t_ms, replay=replay)
+    middles = [p.get("middle") if isinstance(p, dict) else None for p in prompts]
+    if any(m is not None for m in middles):  # fill in the middle: how often the answer is the held-out middle
+        for system, entry in report["summary"].items():
+            runs = [r for r in records if r.system == system and middles[r.prompt_index] is not None]
+            if runs:  # the answer is the middle; or it starts with the middle (and runs on past it)
+                entry["exact_match"] = sum(r.text.strip() == middles[r.prompt_index].strip() for r in runs) / len(runs)
+                entry["middle_first"] = sum(r.text.startswith(middles[r.prompt_index].rstrip()) for r in runs) / len(runs)
     return report
 
 

@@ -79,3 +79,26 @@ def test_repeats_keep_the_fastest_run_of_each_system(smollm2_path):
     assert report["summary"]["ngram"]["identical_to_plain"] is True
     with pytest.raises(InvalidArgumentError, match="repeats"):
         run_bench(["x"], smollm2_path, False, systems=("plain",), repeats=0)
+
+
+def test_a_fill_in_the_middle_workload(qwen_path, tmp_path):
+    """FIM requests from a prompts file: laid out in the model's FIM format, every system on the same
+    tokens, the middle's exact-match rate reported; a malformed row is an error naming its line."""
+    from dovetail_gguf.bench import file_prompts, run_bench
+    from dovetail_gguf.errors import InvalidArgumentError
+
+    rows = [{"prefix": "def double(x):\n", "suffix": "\n\nprint(double(2))\n", "middle": "    return 2 * x\n",
+             "extra": [{"filename": "util.py", "text": "def triple(x):\n    return 3 * x\n"}]}]
+    path = tmp_path / "fim.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = file_prompts(path)
+    assert prompts == rows
+    report = run_bench(prompts, qwen_path, False, max_tokens=8, threads=2, n_ctx=512, systems=("plain", "ngram"),
+                       progress=False)
+    s = report["summary"]
+    assert s["ngram"]["identical_to_plain"] is True and 0.0 <= s["plain"]["exact_match"] <= 1.0
+    texts = {r["system"]: r["text"] for r in report["records"]}
+    assert s["plain"]["middle_first"] == float(texts["plain"].startswith(rows[0]["middle"].rstrip()))
+    path.write_text(json.dumps({"prefix": "x", "suffix": 3}) + "\n")
+    with pytest.raises(InvalidArgumentError, match=":1: a fill-in-the-middle request"):
+        file_prompts(path)
