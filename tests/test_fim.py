@@ -127,3 +127,13 @@ def test_the_api_and_cli_fill_in_the_middle(qwen_path, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["text"] == r.text and "math.pi" in r.text
+
+
+def test_a_predicted_middle_is_verified_and_changes_nothing(server):
+    """An editor re-completing after a small edit sends its previous middle as the prediction: the
+    answer is the same, and the prediction's tokens were taken where they matched."""
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 24}
+    first = httpx.post(server + "/infill", json=body, timeout=300).json()
+    again = httpx.post(server + "/infill", json={**body, "prediction": first["content"]}, timeout=300).json()
+    assert again["content"] == first["content"]
+    assert again["accepted_prediction_tokens"] >= again["tokens_predicted"] // 2 > 0  # 20 of 24 here

@@ -60,6 +60,9 @@ class InfillRequest(BaseModel):
     repeat_last_n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # Predicted Outputs (this server's extension): the middle it is expected to repeat, e.g. the previous
+    # completion when an editor re-completes after a small edit; it never changes the answer
+    prediction: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -81,7 +84,7 @@ class InfillRequest(BaseModel):
 
     def options_fields(self) -> dict:
         out = {k: getattr(self, k) for k in ("temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
-                                             "repeat_last_n", "presence_penalty", "frequency_penalty")
+                                             "repeat_last_n", "presence_penalty", "frequency_penalty", "prediction")
                if getattr(self, k) is not None}
         if self.n_predict is not None and self.n_predict >= 0:
             out["max_tokens"] = self.n_predict
@@ -230,6 +233,7 @@ class InfillShape:
             "tokens_predicted": predicted_n, "tokens_evaluated": s.n_prompt_tokens if s else 0,
             "tokens_cached": (s.n_prompt_tokens + predicted_n) if s else 0, "truncated": False,
             "has_new_line": "\n" in text, "stop_type": "none" if warm else stop_type, "stopping_word": "",
+            "accepted_prediction_tokens": s.accepted_prediction_tokens if s else 0,
             "timings": {"prompt_n": prompt_n, "prompt_ms": prompt_ms,
                         "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
                         "prompt_per_second": 1000 * prompt_n / prompt_ms if prompt_ms else 0.0,
