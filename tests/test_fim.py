@@ -137,3 +137,19 @@ def test_a_predicted_middle_is_verified_and_changes_nothing(server):
     again = httpx.post(server + "/infill", json={**body, "prediction": first["content"]}, timeout=300).json()
     assert again["content"] == first["content"]
     assert again["accepted_prediction_tokens"] >= again["tokens_predicted"] // 2 > 0  # 20 of 24 here
+
+
+def test_llama_vscode_bodies(server):
+    """llama.vscode's warm-up (n_predict 0, empty samplers, t_max_predict_ms 1) and completion bodies
+    (src/llama-server.ts, createRequestPayload); a body asking for several completions is a 400 naming it."""
+    extra = [{"text": "def square_area(a):\n    return a * a\n", "time": 1733600000, "filename": "shapes.py"}]
+    base = {"id_slot": 0, "input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": extra, "prompt": ""}
+    warm = {**base, "n_predict": 0, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1}
+    assert httpx.post(server + "/infill", json=warm, timeout=300).status_code == 200
+    body = {**base, "n_predict": 16, "n_cmpl": 1, "top_k": 40, "top_p": 0.99, "stream": False,
+            "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "n_indent": 4, "t_max_prompt_ms": 500,
+            "t_max_predict_ms": 2500}
+    r = httpx.post(server + "/infill", json=body, timeout=300)
+    assert r.status_code == 200 and r.json()["timings"]["prompt_n"] <= 1, r.text  # the warm-up filled the cache
+    bad = httpx.post(server + "/infill", json={**body, "n_cmpl": 3}, timeout=60)
+    assert bad.status_code == 400 and "n_cmpl" in bad.json()["error"]["message"]

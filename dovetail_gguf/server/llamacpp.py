@@ -28,9 +28,10 @@ INFILL_IGNORED = frozenset({"cache_prompt", "id_slot", "t_max_prompt_ms", "n_pro
 
 
 class ExtraChunk(BaseModel):
-    """One element of ``input_extra``: another file of the project."""
+    """One element of ``input_extra``: another file of the project. Other keys (llama.vim's ``time``)
+    are ignored, as llama.cpp's server does."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     text: str = ""
     filename: str = "tmp"
 
@@ -63,6 +64,14 @@ class InfillRequest(BaseModel):
     # Predicted Outputs (this server's extension): the middle it is expected to repeat, e.g. the previous
     # completion when an editor re-completes after a small edit; it never changes the answer
     prediction: str | None = None
+    n_cmpl: int = 1  # completions per request (llama.vscode sends its setting); one is what this server gives
+
+    @field_validator("n_cmpl")
+    @classmethod
+    def _one_completion(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n_cmpl = 1 is supported (one completion per request)")
+        return v
 
     @model_validator(mode="before")
     @classmethod
