@@ -22,7 +22,7 @@ from .engine import Engine, Generation, Request
 from .errors import InvalidArgumentError
 from .fim import Chunk, infill_prompt
 from .models import default_draft_for, resolve_target
-from .options import GenerateOptions
+from .options import LIMITS, GenerateOptions
 from .types import GenerationResult, TreeConfig
 from .target import Target, TargetConfig
 
@@ -143,7 +143,7 @@ class Dovetail:
         chunks = [c if isinstance(c, Chunk) else Chunk(str(c.get("text", "")), str(c.get("filename", "tmp")))
                   for c in extra]
         return infill_prompt(self.target, prefix, suffix, chunks, prompt,
-                             max_tokens if max_tokens is not None else GenerateOptions().max_tokens).tolist()
+                             max_tokens if max_tokens is not None else LIMITS["max_tokens"].default).tolist()
 
     def _prompt_tokens(self, prompt: str, suffix: str | None, extra, kwargs: dict) -> list[int]:
         if suffix is None:

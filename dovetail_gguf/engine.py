@@ -196,19 +196,21 @@ class Engine:
             request = self.prepare(request, options)
         elif options is not None:
             raise InvalidArgumentError("a prepared request carries its options")
-        if request.started:
-            raise InvalidArgumentError("a prepared request runs once; prepare it again")
-        request.started = True
+        self._claim(request)
         return Generation(self, request)
 
     def warm(self, request: Request) -> None:
         """Evaluate a prepared request's prompt into the cache and generate nothing: a later prompt
         that shares its prefix starts from there (an editor warming the cache with new context)."""
+        self._claim(request)
+        self._prefill(request.prompt)
+
+    @staticmethod
+    def _claim(request: Request) -> None:
+        """A prepared request runs once (its grammar state goes to the one sampler that uses it)."""
         if request.started:
             raise InvalidArgumentError("a prepared request runs once; prepare it again")
         request.started = True
-        self._prefill(request.prompt)
-        self.costs.save()
 
     # ------------------------------------------------------------------ phases
     def _prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, int, int]:

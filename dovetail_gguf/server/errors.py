@@ -17,6 +17,11 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse(status_code=status, headers=headers, content=openai_error(message, kind, code))
 
 
+def failed_response(e: BaseException) -> JSONResponse:
+    """The whole-response answer to a failed generation: 400 for a DovetailError, 500 for a bug."""
+    return JSONResponse(status_code=400 if isinstance(e, DovetailError) else 500, content=error_body(e))
+
+
 def error_body(e: BaseException) -> dict:
     """The error of a failed generation: its message for a DovetailError, none for a bug."""
     if isinstance(e, DovetailError):

@@ -9,16 +9,14 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from ..api import Dovetail
-from ..errors import DovetailError
-from .errors import error_body, error_response
-from .options import prepare
-from .worker import EngineWorker, Job
+from .errors import error_body, error_response, failed_response
+from .options import prepare, refuse_unknown_fields
+from .worker import EngineWorker, Job, job_events
 
 # llama.cpp's sampler names this server's fixed chain covers; "infill" (llama.cpp's end-of-middle
 # heuristic) is accepted and not applied: the middle ends where the target emits an end token
@@ -76,12 +74,7 @@ class InfillRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_fields(cls, data):
-        if isinstance(data, dict):
-            unknown = [k for k in data if k not in cls.model_fields and k not in INFILL_IGNORED]
-            if unknown:
-                raise PydanticCustomError("unsupported_field", "unsupported field {field}: the server cannot honour it",
-                                          {"field": repr(unknown[0])})
-        return data
+        return refuse_unknown_fields(cls, data, INFILL_IGNORED)
 
     @field_validator("samplers")
     @classmethod
@@ -125,10 +118,9 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
         warm = fields.get("max_tokens") == 0  # n_predict 0: only bring the new context into the cache
         if warm:
             fields["max_tokens"] = 1
-        n = fields.get("max_tokens", default_max_tokens)
         extra = [c.model_dump() for c in req.input_extra]
-        tokens = await run_in_threadpool(dt.infill_tokens, req.input_prefix, req.input_suffix, extra, req.prompt, n)
-        prepared = await prepare(dt, tokens, fields, default_max_tokens)
+        prepared = await prepare(dt, lambda n: dt.infill_tokens(req.input_prefix, req.input_suffix, extra, req.prompt, n),
+                                 fields, default_max_tokens)
         job = Job(prepared, asyncio.get_running_loop(), warm_only=warm)
         worker.submit(job)  # QueueFullError -> 429
         shape = InfillShape(model_name, req)
@@ -137,8 +129,7 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
         try:
             async for kind, value in _infill_run(worker, job, shape, request):
                 if kind == "error":
-                    return JSONResponse(status_code=400 if isinstance(value, DovetailError) else 500,
-                                        content=error_body(value))
+                    return failed_response(value)
                 if kind == "gone":
                     return error_response(499, "client closed the request")
                 if kind == "done":
@@ -267,18 +258,7 @@ def _at(doc: dict, path: str):
 async def _infill_run(worker: EngineWorker, job: Job, shape: InfillShape, request: Request | None):
     """The job's events with the infill rules applied: ("piece", text), then ("done", result) or
     ("error", e), or ("gone", None) once the client left. A rule that ends the middle cancels the job."""
-    checked = time.monotonic()
-    while True:
-        try:
-            kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            kind = None
-        if request is not None and time.monotonic() - checked > 0.5:
-            checked = time.monotonic()
-            if await request.is_disconnected():
-                worker.cancel(job)
-                yield "gone", None
-                return
+    async for kind, value in job_events(worker, job, request):
         if kind == "piece" and not shape.cut:
             text, stop = shape.stops.feed(value)
             if text:
@@ -289,7 +269,7 @@ async def _infill_run(worker: EngineWorker, job: Job, shape: InfillShape, reques
                 await run_in_threadpool(job.finished.wait, 60)
                 yield "done", job.result
                 return
-        elif kind in ("done", "error"):
+        elif kind != "piece":
             yield kind, value
             return
 

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..api import Dovetail
-from ..errors import DovetailError, InvalidArgumentError
-from ..structured import could_be_tool_call, tool_call_grammar
-from .errors import error_body, error_response
 from ..engine import Request as EngineRequest
+from ..errors import InvalidArgumentError
+from ..structured import could_be_tool_call, tool_call_grammar
+from .errors import error_body, error_response, failed_response
 from .openai_shapes import ChatRequest, CompletionRequest, ResponseShape, SamplingRequest
 from .options import prepare
-from .worker import EngineWorker, Job
+from .worker import EngineWorker, Job, job_events
 
 
 def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_tokens: int) -> APIRouter:
@@ -44,8 +43,7 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
         if req.suffix is not None:  # fill in the middle: the model's FIM layout of prompt and suffix
             if not isinstance(req.prompt, str):
                 raise InvalidArgumentError("suffix needs the prompt as text (the code before the gap)")
-            tokens = await run_in_threadpool(dt.infill_tokens, req.prompt, req.suffix, (), "",
-                                             req.max_tokens or default_max_tokens)
+            tokens = lambda n: dt.infill_tokens(req.prompt, req.suffix, max_tokens=n)  # noqa: E731
         elif isinstance(req.prompt, str):
             tokens = await run_in_threadpool(dt.tokenize_prompt, req.prompt)
         else:
@@ -65,21 +63,13 @@ async def _respond(worker: EngineWorker, request: Request, req: SamplingRequest,
     if req.stream:
         return StreamingResponse(_events(worker, job, shape), media_type="text/event-stream")
     try:
-        checked = time.monotonic()
-        while True:
-            try:
-                kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                kind = None
-            if time.monotonic() - checked > 0.5:  # pieces keep coming while it runs: look at the client anyway
-                checked = time.monotonic()
-                if await request.is_disconnected():  # the client gave up: free its place or the engine
-                    worker.cancel(job)
-                    return error_response(499, "client closed the request")
+        async for kind, value in job_events(worker, job, request):
+            if kind == "gone":
+                return error_response(499, "client closed the request")
             if kind == "done":
                 return shape.whole(value)
             if kind == "error":
-                return JSONResponse(status_code=400 if isinstance(value, DovetailError) else 500, content=error_body(value))
+                return failed_response(value)
     finally:
         worker.cancel(job)  # a no-op once done
 

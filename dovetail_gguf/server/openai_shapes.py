@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from ..options import one_of
+from .options import refuse_unknown_fields
 from ..structured import json_object_grammar, parse_tool_calls
 
 
@@ -122,13 +123,7 @@ class SamplingRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _known_fields(cls, data):
-        if isinstance(data, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias} | IGNORED_FIELDS
-            unknown = [k for k in data if k not in known]
-            if unknown:
-                raise PydanticCustomError("unsupported_field", "unsupported field {field}: the server cannot honour it",
-                                          {"field": repr(unknown[0])})
-        return data
+        return refuse_unknown_fields(cls, data, IGNORED_FIELDS)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

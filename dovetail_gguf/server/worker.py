@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..api import Dovetail
@@ -93,6 +94,28 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
             self.cancelled.set()
+
+
+async def job_events(worker: "EngineWorker", job: Job, request=None):
+    """``job``'s events as they come: ("piece", str) ..., then ("done", result) or ("error", e). With
+    ``request`` (a starlette Request), its client is looked at every half second, pieces or not: once
+    it is gone the job is cancelled and ("gone", None) is the last event."""
+    checked = time.monotonic()
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            kind, value = None, None
+        if request is not None and time.monotonic() - checked > 0.5:
+            checked = time.monotonic()
+            if await request.is_disconnected():  # the client gave up: free its place or the engine
+                worker.cancel(job)
+                yield "gone", None
+                return
+        if kind is not None:
+            yield kind, value
+            if kind in ("done", "error"):
+                return
 
 
 class EngineWorker:
