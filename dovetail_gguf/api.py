@@ -23,7 +23,7 @@ from .errors import InvalidArgumentError
 from .fim import Chunk, infill_prompt
 from .models import default_draft_for, resolve_target
 from .options import LIMITS, GenerateOptions
-from .types import GenerationResult, TreeConfig
+from .types import GenerationResult, GenerationStats, TreeConfig
 from .target import Target, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -180,12 +180,13 @@ class Dovetail:
         self._check_open()
         return Stream(self, request)
 
-    def warm(self, request: Request) -> None:
-        """Evaluate a prepared request's prompt into the KV cache without generating (see Engine.warm)."""
+    def warm(self, request: Request) -> GenerationStats:
+        """Evaluate a prepared request's prompt into the KV cache without generating (see Engine.warm);
+        returns its prompt counts and prefill time."""
         self._check_open()
         self._acquire()
         try:
-            self.engine.warm(request)
+            return self.engine.warm(request)
         finally:
             self._release()
 

@@ -199,11 +199,16 @@ class Engine:
         self._claim(request)
         return Generation(self, request)
 
-    def warm(self, request: Request) -> None:
+    def warm(self, request: Request) -> GenerationStats:
         """Evaluate a prepared request's prompt into the cache and generate nothing: a later prompt
-        that shares its prefix starts from there (an editor warming the cache with new context)."""
+        that shares its prefix starts from there (an editor warming the cache with new context).
+        Returns the prompt's counts and prefill time (no tokens generated)."""
         self._claim(request)
-        self._prefill(request.prompt)
+        stats = GenerationStats(n_prompt_tokens=int(request.prompt.size))
+        t0 = time.perf_counter()
+        _, _, stats.n_cached_tokens = self._prefill(request.prompt)
+        stats.prefill_seconds = stats.total_seconds = time.perf_counter() - t0
+        return stats
 
     @staticmethod
     def _claim(request: Request) -> None:

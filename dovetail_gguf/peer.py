@@ -31,6 +31,7 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built (the 
 
 # docs/speculative.md's sample settings per mode (vendored llama.cpp)
 PEER_MODES: dict[str, list[str]] = {
+    "plain": [],  # no speculation: llama.cpp's own decoding, as shipped
     "ngram-mod": ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "24", "--spec-ngram-mod-n-min", "48",
                   "--spec-ngram-mod-n-max", "64"],
     "ngram-map-k4v": ["--spec-type", "ngram-map-k4v", "--spec-ngram-map-k4v-size-n", "8", "--spec-ngram-map-k4v-size-m",

@@ -68,6 +68,8 @@ def test_a_warm_up_request_returns_at_once_and_the_next_reuses_it(server):
     t0 = time.perf_counter()
     warm = httpx.post(server + "/infill", json=body, timeout=300).json()
     assert warm["content"] == "" and warm["tokens_predicted"] == 0 and warm["stop_type"] == "none"
+    # it reports what it evaluated, as llama.cpp's does: the new chunk at least (the rest may be cached)
+    assert 64 < warm["timings"]["prompt_n"] <= warm["tokens_evaluated"] and warm["timings"]["prompt_ms"] > 0
     later = httpx.post(server + "/infill", json={**body, "n_predict": 8}, timeout=300).json()
     assert later["timings"]["prompt_n"] <= 1 < later["tokens_evaluated"]  # the warmed prompt came from the cache
     assert time.perf_counter() - t0 < 120

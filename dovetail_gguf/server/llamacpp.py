@@ -221,18 +221,19 @@ class InfillShape:
         return {"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": 0}
 
     def body(self, result, warm: bool = False) -> dict:
+        """The final response; ``result``: the generation's, or a warm-up's GenerationStats."""
         text = "" if warm or result is None else self.stops.text if self.cut else result.text
-        s = result.stats if result is not None else None
+        s = result if warm else result.stats if result is not None else None
         prompt_n = s.n_prompt_tokens - s.n_cached_tokens if s else 0
         prompt_ms = 1000 * s.prefill_seconds if s else 0.0
         predicted_n = s.n_tokens if s else 0
         predicted_ms = 1000 * s.decode_seconds if s else 0.0
-        stop_type = "limit" if self.cut or (result is not None and result.finish_reason != "stop") else "eos"
+        stop_type = "none" if warm else "limit" if self.cut or (result is not None and result.finish_reason != "stop") else "eos"
         out = {
             "index": 0, "content": text, "tokens": [], "id_slot": 0, "stop": True, "model": self.model_name,
             "tokens_predicted": predicted_n, "tokens_evaluated": s.n_prompt_tokens if s else 0,
             "tokens_cached": (s.n_prompt_tokens + predicted_n) if s else 0, "truncated": False,
-            "has_new_line": "\n" in text, "stop_type": "none" if warm else stop_type, "stopping_word": "",
+            "has_new_line": "\n" in text, "stop_type": stop_type, "stopping_word": "",
             "accepted_prediction_tokens": s.accepted_prediction_tokens if s else 0,
             "timings": {"prompt_n": prompt_n, "prompt_ms": prompt_ms,
                         "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,

@@ -83,7 +83,7 @@ class Job:
 
     request: Request
     loop: asyncio.AbstractEventLoop
-    warm_only: bool = False  # evaluate the prompt into the cache, generate nothing (then "done", None)
+    warm_only: bool = False  # evaluate the prompt into the cache, generate nothing (then "done", its GenerationStats)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)  # set once the engine let go of it
@@ -192,8 +192,7 @@ class EngineWorker:
             return
         try:
             if job.warm_only:
-                self.dt.warm(job.request)
-                job.send("done", None)
+                job.send("done", self.dt.warm(job.request))
                 return
             stream = self.dt.stream_request(job.request)
             for piece in stream:
