@@ -23,6 +23,7 @@ from .errors import InvalidArgumentError
 from .fim import Chunk, infill_prompt
 from .models import default_draft_for, resolve_target
 from .options import LIMITS, GenerateOptions
+from .embed import Embedder, Embeddings
 from .types import GenerationResult, GenerationStats, TreeConfig
 from .target import Target, TargetConfig
 
@@ -68,6 +69,8 @@ class Dovetail:
         self._lock = threading.Lock()
         self._holder: int | None = None  # thread id of the generation holding the engine
         self._closed = False
+        self._embedder = None  # made on the first embed(): a context of its own over the target's weights
+        self._embedder_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -75,6 +78,10 @@ class Dovetail:
         self._refuse_reentry()
         with self._lock:
             self._closed = True
+            with self._embedder_lock:
+                if self._embedder is not None:
+                    self._embedder.close()  # before the weights it shares
+                    self._embedder = None
             self.target.close()
 
     def _check_open(self) -> None:
@@ -189,6 +196,20 @@ class Dovetail:
             return self.engine.warm(request)
         finally:
             self._release()
+
+    def embed(self, texts: str | Sequence[str], truncate: bool = False) -> Embeddings:
+        """One unit vector per text, from the target's own weights in a context of their own (the
+        generation's cache is never touched; see embed.py); mean pooling unless the GGUF declares one.
+        Runs beside a generation, on the same CPU cores."""
+        return self.embedder().embed([texts] if isinstance(texts, str) else list(texts), truncate)
+
+    def embedder(self) -> Embedder:
+        """The embedder over the target's weights (made on first use)."""
+        self._check_open()
+        with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder = Embedder.of_target(self.target)
+            return self._embedder
 
     def chat(self, messages: Iterable[Message], stream: bool = False, **kwargs):
         """Answer the last message of a chat; returns a result, or a :class:`Stream` if ``stream``."""

@@ -633,9 +633,13 @@ def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out,
 @click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a "
                    "browser (repeatable). Off by default.")
-def serve(host, port, api_key, default_max_tokens, max_queue, cors_origins, **kw) -> None:
-    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, and
-    llama.cpp's /tokenize, /detokenize and /metrics (Prometheus).
+@click.option("--embedding-model", default=None, metavar="GGUF",
+              help="A GGUF for /v1/embeddings and /api/embed (an embedding model), in a context of its own. "
+                   "Default: the target's own weights, mean-pooled unless the GGUF declares a pooling.")
+def serve(host, port, api_key, default_max_tokens, max_queue, cors_origins, embedding_model, **kw) -> None:
+    """A local server with three surfaces on one port: OpenAI's (/v1/chat/completions, /v1/completions,
+    /v1/embeddings, /v1/models), Ollama's (/api/chat, /api/generate, /api/embed, /api/tags, /api/show,
+    /api/ps, /api/version) and llama.cpp's (/infill, /tokenize, /detokenize, /metrics), plus /health.
 
     One worker runs the engine; requests wait in a FIFO queue of at most --max-queue.
     """
@@ -648,10 +652,17 @@ def serve(host, port, api_key, default_max_tokens, max_queue, cors_origins, **kw
     if api_key is not None and not api_key.strip():
         raise DovetailError("the API key is empty; give a real key, or leave --api-key and DOVETAIL_API_KEY unset")
     default_max_tokens, max_queue = check("served_max_tokens", default_max_tokens), check("max_queue", max_queue)
-    dt = load_dovetail(TargetChoice.take(kw), DraftChoice.take(kw))
+    target = TargetChoice.take(kw)
+    dt = load_dovetail(target, DraftChoice.take(kw))
+    embedder = None
+    if embedding_model is not None:
+        from .embed import Embedder
+        from .models import resolve_target
+
+        embedder = Embedder.load(resolve_target(embedding_model), n_threads=dt.target.n_threads)
     name = dt.target.path.stem
     app = create_app(dt, name, api_key=api_key, default_max_tokens=default_max_tokens, max_queue=max_queue,
-                     cors_origins=cors_origins)
+                     cors_origins=cors_origins, embedder=embedder)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (draft: {'yes' if dt.drafter else 'no'})", err=True)
     # Ctrl-C: open streams get 2 s to end, then their tasks are cancelled, which stops their generations
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

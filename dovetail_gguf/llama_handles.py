@@ -245,7 +245,7 @@ class LlamaContext(_OwnedHandle):
     """
 
     def __init__(self, model: LlamaModel, n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int,
-                 n_threads: int, unified_kv: bool):
+                 n_threads: int, unified_kv: bool, pooling: int | None = None):
         import llama_cpp
 
         self._lib = llama_cpp
@@ -256,7 +256,9 @@ class LlamaContext(_OwnedHandle):
         cp.n_seq_max = n_seq_max
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.embeddings = True  # post-norm hidden state of every row, next to its logits
-        cp.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED  # causal LMs: none, one row per token
+        # unspecified: the GGUF's own (causal LMs: none, one row per token); an embedding context
+        # pools each sequence into one vector (llama_get_embeddings_seq)
+        cp.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if pooling is None else pooling
         cp.kv_unified = unified_kv  # one cell pool shared by all sequences (trees need it)
         self.handle = llama_cpp.llama_init_from_model(model.handle, cp)
         if not self.handle:
@@ -266,6 +268,7 @@ class LlamaContext(_OwnedHandle):
         self.n_vocab = model.vocab.n_vocab
         self.n_embd = model.n_embd
         self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.memory))
+        self.pooling = int(llama_cpp.llama_pooling_type(self.handle))  # what llama.cpp settled on
 
     def _free(self, handle) -> None:
         self._lib.llama_free(handle)
@@ -290,6 +293,13 @@ class LlamaContext(_OwnedHandle):
         logits = np.ctypeslib.as_array(self._lib.llama_get_logits(self.handle), shape=(n, self.n_vocab))
         hidden = np.ctypeslib.as_array(self._lib.llama_get_embeddings(self.handle), shape=(n, self.n_embd))
         return logits, hidden
+
+    def sequence_embedding(self, seq: int) -> np.ndarray:
+        """A pooled context's vector of sequence ``seq`` after the last decode [n_embd] (a view)."""
+        ptr = self._lib.llama_get_embeddings_seq(self.handle, seq)
+        if not ptr:
+            raise LlamaCallError(f"llama.cpp holds no pooled embedding of sequence {seq}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
 
     # ------------------------------------------------------------------ KV memory
     def clear(self) -> None:

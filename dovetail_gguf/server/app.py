@@ -1,5 +1,5 @@
 """The FastAPI app: its engine worker, API key, body-size limit, CORS, error handlers, and the routes
-of each surface (OpenAI's ``/v1``, llama.cpp server's extensions)."""
+of each surface (OpenAI's ``/v1``, llama.cpp server's extensions, Ollama's ``/api``)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from typing import Sequence
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..api import Dovetail
 from ..errors import DovetailError, InvalidArgumentError
-from . import llamacpp, openai
+from ..embed import Embedder
+from . import llamacpp, ollama, openai
 from .errors import error_response
 from ..options import LIMITS
 from .worker import EngineWorker, Metrics, QueueFullError
@@ -23,10 +25,13 @@ MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this gets a 413
 
 
 def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, default_max_tokens: int = LIMITS["served_max_tokens"].default,
-               max_queue: int = LIMITS["max_queue"].default, cors_origins: Sequence[str] = ()) -> FastAPI:
+               max_queue: int = LIMITS["max_queue"].default, cors_origins: Sequence[str] = (),
+               embedder: Embedder | None = None) -> FastAPI:
     """The FastAPI app; its engine worker starts now and stops when the app shuts down.
 
     ``cors_origins``: browser origins allowed to call the API (``"*"`` for any); none by default.
+    ``embedder``: a separate embedding model for the embedding routes (None: the target's own weights);
+    the app closes it when it shuts down.
     """
     if api_key is not None and not api_key:
         raise InvalidArgumentError("the API key is empty; give a non-empty key or none")
@@ -36,6 +41,8 @@ def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, defaul
                   description="OpenAI-compatible API over Dovetail speculative decoding (GGUF target on the CPU).")
     app.state.worker = worker
     app.router.on_shutdown.append(worker.stop)
+    if embedder is not None:
+        app.router.on_shutdown.append(embedder.close)
     _install_handlers(app)
 
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
@@ -58,8 +65,13 @@ def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, defaul
                 "queue_depth": worker.queue_depth, "busy": worker.busy, "max_queue": worker.max_queue}
 
     keyed = [Depends(check_key)]
-    app.include_router(openai.router(dt, worker, model_name, default_max_tokens), dependencies=keyed)
+    app.include_router(openai.router(dt, worker, model_name, default_max_tokens, embedder), dependencies=keyed)
     app.include_router(llamacpp.router(dt, worker, model_name, default_max_tokens), dependencies=keyed)
+    app.include_router(ollama.router(dt, worker, model_name, default_max_tokens, embedder), dependencies=keyed)
+
+    @app.get("/")
+    async def root() -> PlainTextResponse:  # Ollama clients look for this line to find a server
+        return PlainTextResponse("Ollama is running")
     return app
 
 
@@ -125,23 +137,29 @@ class _TooLarge(Exception):
 
 
 def _install_handlers(app: FastAPI) -> None:
+    def answer(request: Request, status: int, message: str, kind: str = "invalid_request_error", headers=None):
+        """Each surface's error shape: Ollama's under /api/, OpenAI's elsewhere."""
+        if request.url.path.startswith("/api/"):
+            return ollama.ollama_error(status, message, headers)
+        return error_response(status, message, kind, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = str(first.get("msg", "invalid request")).encode("utf-8", "replace").decode()
-        return error_response(400, f"{where}: {msg}" if where else msg)
+        return answer(request, 400, f"{where}: {msg}" if where else msg)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), kind)
+        return answer(request, exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(QueueFullError)
     async def _full(request: Request, exc: QueueFullError):
-        return error_response(429, str(exc), "rate_limit_error", headers={"Retry-After": "2"})
+        return answer(request, 429, str(exc), "rate_limit_error", headers={"Retry-After": "2"})
 
     @app.exception_handler(DovetailError)
     async def _dovetail(request: Request, exc: DovetailError):
-        return error_response(400, str(exc))
+        return answer(request, 400, str(exc))

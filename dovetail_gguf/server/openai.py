@@ -1,28 +1,63 @@
-"""OpenAI's API: ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``, whole or streamed."""
+"""OpenAI's API: ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``, whole or streamed, and
+``/v1/embeddings``."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..api import Dovetail
+from ..embed import Embedder
 from ..engine import Request as EngineRequest
 from ..errors import InvalidArgumentError
 from ..structured import could_be_tool_call, tool_call_grammar
 from .errors import error_body, error_response, failed_response
 from .openai_shapes import ChatRequest, CompletionRequest, ResponseShape, SamplingRequest
-from .options import prepare
-from .worker import EngineWorker, Job, job_events
+from .options import prepare, refuse_unknown_fields
+from .worker import EngineWorker, Job, final_event
 
 
-def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_tokens: int) -> APIRouter:
-    """The ``/v1`` routes over ``worker``'s engine; ``default_max_tokens`` where a request gives none."""
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request: text, or a list of texts (token-id inputs are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data):
+        return refuse_unknown_fields(cls, data)
+
+
+def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_tokens: int,
+           embedder: Embedder | None = None) -> APIRouter:
+    """The ``/v1`` routes over ``worker``'s engine; ``default_max_tokens`` where a request gives none;
+    ``embedder``: a separate embedding model (None: the target's own weights)."""
     api = APIRouter(prefix="/v1")
+
+    @api.post("/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict:
+        source = embedder if embedder is not None else dt.embedder()
+        if req.dimensions is not None and req.dimensions != source.n_embd:
+            raise InvalidArgumentError(f"dimensions: this model's vectors have {source.n_embd}")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        out = await run_in_threadpool(source.embed, texts)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
+                 else v.tolist()} for i, v in enumerate(out.vectors)]
+        return {"object": "list", "data": data, "model": req.model or source.name,
+                "usage": {"prompt_tokens": out.total_tokens, "total_tokens": out.total_tokens}}
 
     @api.get("/models")
     async def models() -> dict:
@@ -62,16 +97,10 @@ async def _respond(worker: EngineWorker, request: Request, req: SamplingRequest,
                           tools=tools, token_bytes=worker.dt.target.token_bytes)
     if req.stream:
         return StreamingResponse(_events(worker, job, shape), media_type="text/event-stream")
-    try:
-        async for kind, value in job_events(worker, job, request):
-            if kind == "gone":
-                return error_response(499, "client closed the request")
-            if kind == "done":
-                return shape.whole(value)
-            if kind == "error":
-                return failed_response(value)
-    finally:
-        worker.cancel(job)  # a no-op once done
+    kind, value = await final_event(worker, job, request)
+    if kind == "done":
+        return shape.whole(value)
+    return error_response(499, "client closed the request") if kind == "gone" else failed_response(value)
 
 
 async def _events(worker: EngineWorker, job: Job, shape: ResponseShape) -> AsyncIterator[str]:

@@ -118,6 +118,18 @@ async def job_events(worker: "EngineWorker", job: Job, request=None):
                 return
 
 
+async def final_event(worker: "EngineWorker", job: Job, request=None) -> tuple[str, object]:
+    """A whole (not streamed) answer's end: ("done", result), ("error", e) or ("gone", None), pieces
+    skipped; the job is cancelled on the way out (a no-op once done)."""
+    try:
+        async for kind, value in job_events(worker, job, request):
+            if kind != "piece":
+                return kind, value
+        return "gone", None
+    finally:
+        worker.cancel(job)
+
+
 class EngineWorker:
     """The one thread that runs generations, in FIFO order, with at most ``max_queue`` waiting."""
 
