@@ -78,15 +78,42 @@ def tool_call_grammar(tools: Sequence[Mapping], name: str | None = None) -> str:
     return body + '\nroot ::= "<tool_call>\\n" tool-call "\\n</tool_call>"\n'
 
 
-def could_be_tool_call(text: str) -> bool:
-    """Whether an answer that starts with ``text`` may still be a tool call (a stream holds it back)."""
+def could_be_tool_call(text: str, bare: bool = False) -> bool:
+    """Whether an answer that starts with ``text`` may still be a tool call (a stream holds it back);
+    ``bare``: a JSON object alone counts too (see :func:`parse_tool_calls`)."""
     head = text.lstrip()
-    return head.startswith(_OPEN) or _OPEN.startswith(head)
+    return head.startswith(_OPEN) or _OPEN.startswith(head) or (bare and head.startswith("{"))
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+class ToolCallHold:
+    """A streamed answer to a request with tools: its start is held back while it may still be a tool
+    call, then it streams as plain text. ``names``: the request's functions."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names, self.held = tuple(names), ""
+
+    def feed(self, piece: str) -> str | None:
+        """The text to stream now, or None while the answer may still be a tool call."""
+        self.held += piece
+        if could_be_tool_call(self.held, bare=bool(self.names)):
+            return None
+        out, self.held = self.held, ""
+        return out
+
+
+def parse_tool_calls(text: str, names: Sequence[str] = ()) -> tuple[str, list[ToolCall]]:
     """(the text outside tool calls, the calls) of a model's answer; a block that is not a JSON
-    object with a string ``name`` stays in the text."""
+    object with a string ``name`` stays in the text. With ``names`` (the request's functions), an
+    answer that is nothing but a JSON object ``{"name": one of names, "arguments": {...}}`` is a call
+    too: small models often leave out the ``<tool_call>`` tags their template asks for."""
+    if names and "<tool_call>" not in text:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and obj.get("name") in names and isinstance(obj.get("arguments", {}), dict) \
+                and set(obj) <= {"name", "arguments"}:
+            return "", [ToolCall(obj["name"], json.dumps(obj.get("arguments", {}), ensure_ascii=False))]
     calls: list[ToolCall] = []
     kept: list[str] = []
     pos = 0

@@ -173,3 +173,36 @@ def test_a_separate_embedding_model(smollm2_path):
         assert len(c.embed(model=names[1], input="hello").embeddings[0]) == 896
         assert c.show(names[1]).capabilities == ["embedding"]
         assert c.generate(model=names[0], prompt="Hi", options={"num_predict": 3}).eval_count == 3
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "required": ["city"], "additionalProperties": False,
+                   "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+
+
+def test_tool_calls_through_ollamas_client(qwen_path):
+    """Ollama has no tool_choice: the model decides. Qwen2.5-Coder-0.5B answers with a bare JSON call
+    (no <tool_call> tags); it comes back as Ollama's tool_calls, arguments as an object, whole or streamed."""
+    ask = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    with running_server("--target", str(qwen_path), "--no-draft", "--threads", "2", "--ctx-size", "1024") as base:
+        c = ollama.Client(host=base, timeout=300)
+        r = c.chat(model="any", messages=ask, tools=[WEATHER], options={"num_predict": 64})
+        assert r.message.content == "" and [t.function.name for t in r.message.tool_calls] == ["get_weather"]
+        assert r.message.tool_calls[0].function.arguments["city"] == "Paris"
+        parts = list(c.chat(model="any", messages=ask, tools=[WEATHER], options={"num_predict": 64}, stream=True))
+        assert parts[-1].done and parts[-1].message.tool_calls == r.message.tool_calls
+        # the call and its result go back as the conversation: the template renders both
+        follow = ask + [r.message, {"role": "tool", "content": '{"temperature": 21}', "tool_name": "get_weather"}]
+        assert "21" in c.chat(model="any", messages=follow, tools=[WEATHER], options={"num_predict": 40}).message.content
+
+
+def test_a_bare_json_answer_is_a_call_only_of_a_given_function():
+    from dovetail_gguf.structured import parse_tool_calls
+
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    assert [(c.name, c.arguments) for c in parse_tool_calls(call, ["get_weather"])[1]] == [("get_weather", '{"city": "Oslo"}')]
+    assert parse_tool_calls(call) == (call, [])  # no functions given: text
+    assert parse_tool_calls(call, ["other"]) == (call, [])
+    extra = '{"name": "get_weather", "arguments": {}, "note": 1}'
+    assert parse_tool_calls(extra, ["get_weather"]) == (extra, [])

@@ -27,7 +27,7 @@ from .. import __version__
 from ..api import Dovetail
 from ..embed import Embedder
 from ..errors import DovetailError, InvalidArgumentError
-from ..structured import could_be_tool_call, json_object_grammar, parse_tool_calls
+from ..structured import ToolCallHold, json_object_grammar, parse_tool_calls
 from .options import prepare, refuse_unknown_fields
 from .worker import EngineWorker, Job, final_event
 
@@ -259,7 +259,8 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
         tools = body.tools or None
         tokens = await run_in_threadpool(dt.chat_prompt_tokens, messages, tools)
         prepared = await prepare(dt, tokens, _with_length(body.options_fields(n_ctx), default_max_tokens), default_max_tokens)
-        return await _respond(worker, request, body.stream, prepared, model_name, chat=True, tools=tools is not None)
+        names = [t.get("function", {}).get("name") for t in tools or ()]
+        return await _respond(worker, request, body.stream, prepared, model_name, chat=True, tools=names if tools else None)
 
     @api.post("/generate")
     async def generate(body: GenerateBody, request: Request) -> Any:
@@ -304,7 +305,7 @@ def _with_length(fields: dict, default_max_tokens: int) -> dict:
 
 
 async def _respond(worker: EngineWorker, request: Request, stream: bool, prepared, model_name: str, chat: bool,
-                   tools: bool = False) -> Any:
+                   tools: list[str] | None = None) -> Any:
     job = Job(prepared, asyncio.get_running_loop())
     worker.submit(job)  # QueueFullError -> 429
     shape = _Shape(model_name, chat, tools)
@@ -325,8 +326,10 @@ def _failed(e: BaseException) -> JSONResponse:
 class _Shape:
     """The chunks of one Ollama answer: chat (``message``) or generate (``response``)."""
 
-    def __init__(self, model_name: str, chat: bool, tools: bool):
-        self.model, self.chat, self.tools = model_name, chat, tools
+    def __init__(self, model_name: str, chat: bool, tools: list[str] | None):
+        self.model, self.chat = model_name, chat
+        self.tools = tools is not None  # the answer may be a tool call: parsed out of the whole text
+        self.tool_names = tuple(tools or ())
         self.started = time.perf_counter()
 
     def chunk(self, text: str, calls: list | None = None) -> dict:
@@ -343,7 +346,7 @@ class _Shape:
     def final(self, result, text: str) -> dict:
         calls = None
         if self.tools:
-            text, parsed = parse_tool_calls(text)
+            text, parsed = parse_tool_calls(text, self.tool_names)
             calls = [{"function": {"name": c.name, "arguments": _arguments(c.arguments)}} for c in parsed] or None
         return {**self.chunk(text, calls), **_stats(result, self.started)}
 
@@ -359,19 +362,19 @@ def _arguments(text: str) -> dict:
 async def _lines(worker: EngineWorker, job: Job, shape: _Shape) -> AsyncIterator[str]:
     """NDJSON: a chunk per piece, then the final chunk with the counts; or an error line. With tools,
     an answer that starts as a tool call comes whole in the final chunk."""
-    held = ""
+    hold = ToolCallHold(shape.tool_names)
     try:
         while True:
             kind, value = await job.events.get()
             if kind == "piece":
                 if shape.tools:
-                    held += value
-                    if could_be_tool_call(held):
+                    value = hold.feed(value)
+                    if value is None:
                         continue
-                    shape.tools, value, held = False, held, ""  # plain text: streamed from here on
+                    shape.tools = False  # plain text: streamed from here on
                 yield json.dumps(shape.chunk(value)) + "\n"
             elif kind == "done":
-                yield json.dumps(shape.final(value, held) if shape.tools else
+                yield json.dumps(shape.final(value, hold.held) if shape.tools else
                                  {**shape.chunk(""), **_stats(value, shape.started)}) + "\n"
                 return
             else:

@@ -17,7 +17,7 @@ from ..api import Dovetail
 from ..embed import Embedder
 from ..engine import Request as EngineRequest
 from ..errors import InvalidArgumentError
-from ..structured import could_be_tool_call, tool_call_grammar
+from ..structured import ToolCallHold, tool_call_grammar
 from .errors import error_body, error_response, failed_response
 from .openai_shapes import ChatRequest, CompletionRequest, ResponseShape, SamplingRequest
 from .options import prepare, refuse_unknown_fields
@@ -71,7 +71,7 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
         forced, name = req.forced_tool()
         grammar = await run_in_threadpool(tool_call_grammar, tools, name) if forced else None
         prepared = await prepare(dt, tokens, req.options_fields(tool_grammar=grammar), default_max_tokens)
-        return await _respond(worker, request, req, prepared, model_name, chat=True, tools=tools is not None)
+        return await _respond(worker, request, req, prepared, model_name, chat=True, tools=tools)
 
     @api.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -90,11 +90,12 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
 
 
 async def _respond(worker: EngineWorker, request: Request, req: SamplingRequest, prepared: EngineRequest,
-                   model_name: str, chat: bool, tools: bool = False) -> Any:
+                   model_name: str, chat: bool, tools: list[dict] | None = None) -> Any:
     job = Job(prepared, asyncio.get_running_loop())
     worker.submit(job)  # QueueFullError -> 429
     shape = ResponseShape(model_name, chat, include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                          tools=tools, token_bytes=worker.dt.target.token_bytes)
+                          tools=tools is not None, token_bytes=worker.dt.target.token_bytes,
+                          tool_names=[t["function"]["name"] for t in tools or ()])
     if req.stream:
         return StreamingResponse(_events(worker, job, shape), media_type="text/event-stream")
     kind, value = await final_event(worker, job, request)
@@ -107,16 +108,16 @@ async def _events(worker: EngineWorker, job: Job, shape: ResponseShape) -> Async
     """Server-sent events: chunks, a final chunk with finish_reason, a usage chunk if the request asked for
     one (stream_options.include_usage), then [DONE]; or an error event."""
     first = True
-    held = ""  # with tools: the answer's start, held back while it may still be a tool call
+    hold = ToolCallHold(shape.tool_names)  # with tools: a possible tool call's start is held back
     try:
         while True:
             kind, value = await job.events.get()
             if kind == "piece":
                 if shape.tools:
-                    held += value
-                    if could_be_tool_call(held):  # parsed from the whole answer, sent in the last chunk
+                    value = hold.feed(value)
+                    if value is None:  # parsed from the whole answer, sent in the last chunk
                         continue
-                    shape.tools, value, held = False, held, ""  # plain text: streamed from here on
+                    shape.tools = False  # plain text: streamed from here on
                 yield "data: " + json.dumps(shape.chunk(value, None, first)) + "\n\n"
                 first = False
             elif kind == "done":

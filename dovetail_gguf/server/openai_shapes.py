@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -321,10 +321,11 @@ class ResponseShape:
     """The OpenAI response shapes of one request: chat or text completion, whole or as chunks."""
 
     def __init__(self, model_name: str, chat: bool, include_usage: bool = False, tools: bool = False,
-                 token_bytes=None):
+                 token_bytes=None, tool_names: Sequence[str] = ()):
         self.chat, self.model = chat, model_name
         self.include_usage = include_usage  # stream_options.include_usage: a last chunk carries the usage
         self.tools = tools  # the answer may hold tool calls: parsed out of the whole text
+        self.tool_names = tuple(tool_names)
         self._token_bytes = token_bytes  # token id -> bytes, for logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -345,7 +346,7 @@ class ResponseShape:
 
     def message(self, result) -> tuple[dict, str]:
         """The assistant message of a finished chat answer (tool calls parsed out), and its finish reason."""
-        content, calls = parse_tool_calls(result.text) if self.tools else (result.text, [])
+        content, calls = parse_tool_calls(result.text, self.tool_names) if self.tools else (result.text, [])
         if not calls:
             return {"role": "assistant", "content": result.text}, finish_reason(result)
         return ({"role": "assistant", "content": content or None,
