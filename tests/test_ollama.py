@@ -206,3 +206,14 @@ def test_a_bare_json_answer_is_a_call_only_of_a_given_function():
     assert parse_tool_calls(call, ["other"]) == (call, [])
     extra = '{"name": "get_weather", "arguments": {}, "note": 1}'
     assert parse_tool_calls(extra, ["get_weather"]) == (extra, [])
+
+
+def test_embedding_leaves_the_generation_cache_alone(smollm2_path):
+    from dovetail_gguf import Dovetail
+
+    with Dovetail(smollm2_path, False) as dt:
+        first = dt.generate("The three primary colours are", max_tokens=8)
+        dt.embed(["a text of its own, " * 20, "another"])  # its own context: the target's cells stay
+        again = dt.generate("The three primary colours are", max_tokens=8)
+        assert again.text == first.text
+        assert again.stats.n_cached_tokens == again.stats.n_prompt_tokens - 1  # all but the last token reused
