@@ -22,8 +22,9 @@ from .engine import Engine, Generation, Request
 from .errors import InvalidArgumentError
 from .fim import Chunk, infill_prompt
 from .models import default_draft_for, resolve_target
-from .options import LIMITS, GenerateOptions
+from .options import LIMITS, GenerateOptions, check
 from .embed import Embedder, Embeddings
+from .prefixes import PrefixStore
 from .types import GenerationResult, GenerationStats, TreeConfig
 from .target import Target, TargetConfig
 
@@ -43,6 +44,8 @@ class Dovetail:
         target_config: TargetConfig | None = None,
         adaptive: bool = True,
         ngram: bool | None = None,
+        cache_slots: int = LIMITS["cache_slots"].default,
+        cache_ram_mib: int = LIMITS["cache_ram_mib"].default,
     ):
         """``draft``: a draft folder, None for the shipped default (if any), False for none.
 
@@ -51,7 +54,10 @@ class Dovetail:
         to plain decoding where speculation does not pay; False always drafts ``tree``.
         ``ngram``: add continuations found earlier in the context as a free branch of each tree
         (None: whenever a draft model is used); with ``draft=False`` it is suffix-index-only speculation.
+        ``cache_slots``, ``cache_ram_mib``: prompt prefixes kept warm in RAM besides the live one
+        (another conversation returning is not evaluated again), and the RAM they may take.
         """
+        cache_slots, cache_ram_mib = check("cache_slots", cache_slots), check("cache_ram_mib", cache_ram_mib)
         self.target = Target(resolve_target(target), target_config)
         self.drafter = None
         self.drafter_path: Path | None = None  # the draft folder in use
@@ -65,7 +71,8 @@ class Dovetail:
             elif draft is True:
                 raise InvalidArgumentError("no draft given and no default draft is installed")
         use_ngram = self.drafter is not None if ngram is None else bool(ngram)
-        self.engine = Engine(self.target, self.drafter, tree, adaptive=adaptive, ngram=use_ngram)
+        self.prefixes = PrefixStore(cache_slots, cache_ram_mib * 2**20) if cache_slots else None
+        self.engine = Engine(self.target, self.drafter, tree, adaptive=adaptive, ngram=use_ngram, prefixes=self.prefixes)
         self._lock = threading.Lock()
         self._holder: int | None = None  # thread id of the generation holding the engine
         self._closed = False

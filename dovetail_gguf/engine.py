@@ -25,6 +25,7 @@ from .llama_handles import GrammarState
 from .options import GenerateOptions
 from .plan import (DRAFT, PREDICTION, Proposal, RoundPlan, likeliest_path, merge, plan_round, restrict, tested_nodes,
                    tree_depths)
+from .prefixes import SAVE_MIN_TOKENS, SWAP_MIN_TOKENS, CachedPrefix, PrefixStore, common_prefix
 from .policy import TreePolicy
 from .proposers import CONTEXT_PRIOR, AcceptanceModel, DraftProposer, SuffixProposer, prediction_proposer
 from .suffix import SuffixIndex
@@ -127,16 +128,18 @@ class Engine:
     """Speculative generation over one target, an optional drafter, the suffix index and predictions."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
-                 adaptive: bool = True, ngram: bool = False):
+                 adaptive: bool = True, ngram: bool = False, prefixes: PrefixStore | None = None):
         """``adaptive``: plan each round from measured costs and acceptance, falling back to plain
         decoding when speculation does not pay (see plan.py); else always draft ``tree`` and verify
         every candidate. ``ngram``: propose continuations found earlier in the context (the suffix
-        index) in every round; with no drafter, the only source besides a prediction.
+        index) in every round; with no drafter, the only source besides a prediction. ``prefixes``:
+        where prompt prefixes other than the live one are kept warm (None: only the live one).
         """
         self.target = target
         self.tree = tree or TreeConfig()
         self.tree.validate(target.max_tree_nodes)
         self.ngram = ngram
+        self.prefixes = prefixes
         self.set_drafter(drafter, adaptive)
 
     def set_drafter(self, drafter: Drafter | None, adaptive: bool | None = None) -> None:
@@ -156,6 +159,8 @@ class Engine:
         self._hidden_lo = 0  # _hidden holds the features of positions _hidden_lo .. n_past - 1
         self._fresh_drafter = drafter is not None  # nothing of the target's cache may be reused for it yet
         self._device_stats = getattr(drafter, "peak_memory_bytes", None)
+        if self.prefixes is not None:
+            self.prefixes.clear()  # their features were the old drafter's business
 
     @property
     def cost_table(self) -> dict[int, float] | None:
@@ -227,8 +232,9 @@ class Engine:
         features stored for every committed position.
         """
         t = self.target
-        cached = t.committed_tokens
-        common = int(np.argmin(np.append(cached[: prompt.size] == prompt[: cached.size], False)))
+        common = common_prefix(t.history(0), prompt)
+        if self.prefixes is not None:
+            common = self._switch_prefix(prompt, common)
         # the last prompt token is always evaluated; with invariant kernels, the cached positions kept
         # are those a cold prefill would compute alike (see Target.reusable_prefix)
         n_keep = t.reusable_prefix(prompt.size, common)
@@ -261,6 +267,29 @@ class Engine:
         if self._hidden is not None:
             self._hidden[prompt.size - 1] = hidden
         return logits.copy(), held, n_keep
+
+    def _switch_prefix(self, prompt: np.ndarray, common: int) -> int:
+        """Keep the live prefix warm if ``prompt`` would drop it, and put back a stored prefix that
+        shares more of ``prompt`` (another conversation returning). Returns the tokens the live
+        prefix now shares with ``prompt``."""
+        t = self.target
+        entry, shared = self.prefixes.best(prompt)
+        switch = entry is not None and shared >= common + SWAP_MIN_TOKENS
+        if (switch or t.n_past - common >= SAVE_MIN_TOKENS) and t.n_past >= SAVE_MIN_TOKENS:
+            hidden = self._hidden[self._hidden_lo : t.n_past].copy() if self._hidden is not None else None
+            self.prefixes.put(CachedPrefix(t.save_prefix(), hidden, self._hidden_lo))
+        if not switch:
+            return common
+        self.prefixes.take(entry)
+        t.restore_prefix(entry.saved)
+        if self.drafter is not None:
+            self.drafter.trim(0)  # it held the other conversation's pairs: it catches up from the features
+            if entry.hidden is not None:
+                self._hidden[entry.hidden_lo : t.n_past] = entry.hidden
+                self._hidden_lo, self._fresh_drafter = entry.hidden_lo, False
+            else:
+                self._fresh_drafter = True
+        return shared
 
     def _sampler(self, request: Request) -> Sampler:
         grammar, request.grammar = request.grammar, None  # the sampler owns and closes it

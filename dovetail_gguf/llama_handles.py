@@ -319,6 +319,23 @@ class LlamaContext(_OwnedHandle):
         """Shift the positions of ``seq``'s cells in [lo, hi) by ``delta`` (RoPE re-applied lazily)."""
         self._lib.llama_memory_seq_add(self.memory, seq, lo, hi, delta)
 
+    def seq_state(self, seq: int) -> np.ndarray:
+        """``llama_state_seq_get_data``: the cells of ``seq`` (positions and K/V), as bytes (uint8)."""
+        size = int(self._lib.llama_state_seq_get_size(self.handle, seq))
+        buf = np.empty(size, dtype=np.uint8)
+        got = int(self._lib.llama_state_seq_get_data(self.handle, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                     size, seq))
+        if got != size:
+            raise LlamaCallError(f"llama_state_seq_get_data wrote {got} of {size} bytes")
+        return buf
+
+    def set_seq_state(self, seq: int, state: np.ndarray) -> None:
+        """``llama_state_seq_set_data``: put cells saved by :meth:`seq_state` into ``seq`` (0 = failed: raises)."""
+        got = int(self._lib.llama_state_seq_set_data(self.handle, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                     state.size, seq))
+        if got == 0:
+            raise LlamaCallError("llama_state_seq_set_data could not restore a saved sequence")
+
     def seq_pos_range(self, seq: int) -> tuple[int, int]:
         """(smallest, largest) position held by ``seq``; (-1, -1) when it holds none."""
         return (int(self._lib.llama_memory_seq_pos_min(self.memory, seq)),

@@ -93,6 +93,10 @@ LIMITS: dict[str, Limit] = {
     # the server's settings (dovetail serve)
     "served_max_tokens": Limit(int, 512, 1, help="max_tokens of a request that gives none (capped at the context)."),
     "max_queue": Limit(int, 64, 1, help="Requests that may wait for the engine; past it a request gets 429 with Retry-After."),
+    # prompt prefixes kept warm besides the live one (dovetail_gguf.prefixes)
+    "cache_slots": Limit(int, 4, 0, 64, help="Prompt prefixes (other conversations, other files) kept warm in RAM "
+                                              "besides the one in the KV cache; 0 keeps only that one."),
+    "cache_ram_mib": Limit(int, 1024, 1, 2**20, help="RAM those prefixes may take, in MiB (least recently used out)."),
     # the draft tree (dovetail_gguf.types.TreeConfig)
     "tree_tokens": Limit(int, 16, 1, 63, help="Draft tokens per tree (root not counted)."),
     "tree_depth": Limit(int, 7, 1, 64, help="Maximum tree depth."),

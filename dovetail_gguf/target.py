@@ -142,6 +142,19 @@ def default_extra_buffers(facts: ModelFacts, mode: KernelMode) -> bool:
     return (not mode.invariant or repack_invariant(facts.quant_types)) and extra_buffers_safe(str(facts.path))
 
 
+@dataclass(frozen=True)
+class SavedPrefix:
+    """A committed prefix saved from the KV cache (:meth:`Target.save_prefix`)."""
+
+    tokens: np.ndarray  # [n] int32
+    row_class: np.ndarray  # [n] uint8: which kernels computed each position (see reusable_prefix)
+    kv: np.ndarray  # llama_state_seq_get_data's bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.row_class.nbytes + self.kv.nbytes
+
+
 class Target:
     """A GGUF model on the CPU: prefill, decode one token, verify a tree, commit a path.
 
@@ -305,6 +318,33 @@ class Target:
         self._drop_pending()
         self._ctx.seq_rm(-1, n_keep, -1)
         self.n_past = n_keep
+
+    def save_prefix(self) -> "SavedPrefix":
+        """The committed prefix as it stands (tokens, row classes, KV cells), to :meth:`restore_prefix`
+        later: bit for bit what was computed, so a restored prefix answers as this one would."""
+        self._drop_pending()
+        n = self.n_past
+        return SavedPrefix(self._history[:n].copy(), self._row_class[:n].copy(), self._ctx.seq_state(0))
+
+    def restore_prefix(self, saved: "SavedPrefix") -> None:
+        """Make ``saved`` the committed prefix (whatever the cache held is dropped). On failure the
+        cache is left empty."""
+        self._drop_pending()
+        self._ctx.clear()
+        self.n_past = 0
+        n = saved.tokens.size
+        if n > self.n_ctx:
+            raise InvalidArgumentError(f"a saved prefix of {n} tokens does not fit the context ({self.n_ctx})")
+        try:
+            self._ctx.set_seq_state(0, saved.kv)
+            if self._ctx.seq_pos_range(0) != (0, n - 1):  # invariant 1: positions 0..n-1, nothing else
+                raise LlamaCallError("a restored prefix does not hold positions 0..n-1")
+        except LlamaCallError:
+            self._ctx.clear()
+            raise
+        self._history[:n] = saved.tokens
+        self._row_class[:n] = saved.row_class
+        self.n_past = n
 
     @property
     def window_room(self) -> int:

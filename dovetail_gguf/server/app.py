@@ -62,7 +62,9 @@ def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, defaul
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "draft": dt.drafter is not None,
-                "queue_depth": worker.queue_depth, "busy": worker.busy, "max_queue": worker.max_queue}
+                "queue_depth": worker.queue_depth, "busy": worker.busy, "max_queue": worker.max_queue,
+                "live_prefix_tokens": dt.target.n_past,
+                "prefix_cache": dt.prefixes.state() if dt.prefixes is not None else None}
 
     keyed = [Depends(check_key)]
     app.include_router(openai.router(dt, worker, model_name, default_max_tokens, embedder), dependencies=keyed)

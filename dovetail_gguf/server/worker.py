@@ -63,6 +63,13 @@ class Metrics:
                 ("max_queue", "gauge", "The queue's bound; past it a request gets 429.", [("", worker.max_queue)]),
                 ("busy", "gauge", "1 while the engine runs a generation.", [("", int(worker.busy))]),
             ]
+        prefixes = worker.dt.prefixes.state() if worker.dt.prefixes is not None else None
+        if prefixes is not None:
+            rows += [
+                ("cached_prefixes", "gauge", "Prompt prefixes kept warm in RAM besides the live one.", [("", prefixes["entries"])]),
+                ("cached_prefix_bytes", "gauge", "RAM those prefixes take.", [("", prefixes["bytes"])]),
+                ("cached_prefix_hits_total", "counter", "Prompts that continued a prefix kept warm.", [("", prefixes["hits"])]),
+            ]
         out = []
         for name, kind, help_text, samples in rows:
             out += [f"# HELP dovetail_{name} {help_text}", f"# TYPE dovetail_{name} {kind}"]
