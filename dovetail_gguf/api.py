@@ -46,6 +46,7 @@ class Dovetail:
         ngram: bool | None = None,
         cache_slots: int = LIMITS["cache_slots"].default,
         cache_ram_mib: int = LIMITS["cache_ram_mib"].default,
+        parallel: int = 1,
     ):
         """``draft``: a draft folder, None for the shipped default (if any), False for none.
 
@@ -56,8 +57,12 @@ class Dovetail:
         (None: whenever a draft model is used); with ``draft=False`` it is suffix-index-only speculation.
         ``cache_slots``, ``cache_ram_mib``: prompt prefixes kept warm in RAM besides the live one
         (another conversation returning is not evaluated again), and the RAM they may take.
+        ``parallel``: engines that generate side by side (a server's requests in flight): the first
+        with the draft, the others over the same weights in contexts of their own, with the suffix
+        index; the same request gets the same answer in any of them.
         """
         cache_slots, cache_ram_mib = check("cache_slots", cache_slots), check("cache_ram_mib", cache_ram_mib)
+        parallel = check("parallel", parallel)
         self.target = Target(resolve_target(target), target_config)
         self.drafter = None
         self.drafter_path: Path | None = None  # the draft folder in use
@@ -73,8 +78,16 @@ class Dovetail:
         use_ngram = self.drafter is not None if ngram is None else bool(ngram)
         self.prefixes = PrefixStore(cache_slots, cache_ram_mib * 2**20) if cache_slots else None
         self.engine = Engine(self.target, self.drafter, tree, adaptive=adaptive, ngram=use_ngram, prefixes=self.prefixes)
-        self._lock = threading.Lock()
-        self._holder: int | None = None  # thread id of the generation holding the engine
+        self.slots: list[_Slot] = [_Slot(self.engine)]
+        try:
+            for _ in range(parallel - 1):
+                extra = Target(self.target.path, self.target.config, share=self.target)
+                self.slots.append(_Slot(Engine(extra, None, tree, adaptive=adaptive, ngram=True, prefixes=self.prefixes)))
+        except BaseException:
+            for slot in self.slots[1:]:
+                slot.engine.target.close()
+            self.target.close()
+            raise
         self._closed = False
         self._embedder = None  # made on the first embed(): a context of its own over the target's weights
         self._embedder_lock = threading.Lock()
@@ -82,36 +95,44 @@ class Dovetail:
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Free the target; every later call raises InvalidArgumentError. Waits for a running generation."""
-        self._refuse_reentry()
-        with self._lock:
+        for slot in self.slots:
+            slot.refuse_reentry()
+        for slot in self.slots:
+            slot.lock.acquire()
+        try:
             self._closed = True
             with self._embedder_lock:
                 if self._embedder is not None:
                     self._embedder.close()  # before the weights it shares
                     self._embedder = None
+            for slot in self.slots[1:]:  # before the weights they share
+                slot.engine.target.close()
             self.target.close()
+        finally:
+            for slot in self.slots:
+                slot.lock.release()
 
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidArgumentError("this Dovetail was closed; create a new one")
 
-    def _refuse_reentry(self) -> None:
-        """One thread cannot wait for a generation it is itself running: that would never end."""
-        if self._holder == threading.get_ident():
-            raise InvalidArgumentError("this thread is already running a generation on this engine: "
-                                       "finish or close that stream first")
-
-    def _acquire(self) -> None:
-        self._refuse_reentry()
-        self._lock.acquire()
+    def _acquire(self, slot: int = 0) -> Engine:
+        """Hold engine ``slot`` (waiting while another generation runs on it)."""
+        if not 0 <= slot < len(self.slots):
+            raise InvalidArgumentError(f"slot must be in 0..{len(self.slots) - 1}")
+        s = self.slots[slot]
+        s.refuse_reentry()
+        s.lock.acquire()
         if self._closed:
-            self._lock.release()
+            s.lock.release()
             self._check_open()
-        self._holder = threading.get_ident()
+        s.holder = threading.get_ident()
+        return s.engine
 
-    def _release(self) -> None:
-        self._holder = None
-        self._lock.release()
+    def _release(self, slot: int = 0) -> None:
+        s = self.slots[slot]
+        s.holder = None
+        s.lock.release()
 
     def __enter__(self) -> "Dovetail":
         return self
@@ -189,20 +210,21 @@ class Dovetail:
     def stream_tokens(self, prompt_tokens: Sequence[int], **kwargs) -> "Stream":
         return Stream(self, self.prepare(prompt_tokens, **kwargs))
 
-    def stream_request(self, request: Request) -> "Stream":
-        """Run a request :meth:`prepare` checked (the server checks before queueing, runs later)."""
+    def stream_request(self, request: Request, slot: int = 0) -> "Stream":
+        """Run a request :meth:`prepare` checked (the server checks before queueing, runs later), on
+        engine ``slot`` (see ``parallel``)."""
         self._check_open()
-        return Stream(self, request)
+        return Stream(self, request, slot)
 
-    def warm(self, request: Request) -> GenerationStats:
-        """Evaluate a prepared request's prompt into the KV cache without generating (see Engine.warm);
-        returns its prompt counts and prefill time."""
+    def warm(self, request: Request, slot: int = 0) -> GenerationStats:
+        """Evaluate a prepared request's prompt into engine ``slot``'s KV cache without generating (see
+        Engine.warm); returns its prompt counts and prefill time."""
         self._check_open()
-        self._acquire()
+        engine = self._acquire(slot)
         try:
-            return self.engine.warm(request)
+            return engine.warm(request)
         finally:
-            self._release()
+            self._release(slot)
 
     def embed(self, texts: str | Sequence[str], truncate: bool = False) -> Embeddings:
         """One unit vector per text, from the target's own weights in a context of their own (the
@@ -224,27 +246,42 @@ class Dovetail:
         return self.stream_tokens(tokens, **kwargs) if stream else self.generate_tokens(tokens, **kwargs)
 
 
+class _Slot:
+    """One engine and who holds it: a generation runs on a slot alone."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.holder: int | None = None  # thread id of the generation holding it
+
+    def refuse_reentry(self) -> None:
+        """One thread cannot wait for a generation it is itself running: that would never end."""
+        if self.holder == threading.get_ident():
+            raise InvalidArgumentError("this thread is already running a generation on this engine: "
+                                       "finish or close that stream first")
+
+
 class Stream:
     """An iterator of text pieces. ``result`` is set when it ends, also after :meth:`close`.
 
     The engine is held from the first piece until the stream ends or is closed.
     """
 
-    def __init__(self, owner: Dovetail, request: Request):
+    def __init__(self, owner: Dovetail, request: Request, slot: int = 0):
         self.result: GenerationResult | None = None
-        self._it = self._iterate(owner, request)
+        self._it = self._iterate(owner, request, slot)
 
-    def _iterate(self, owner: Dovetail, request: Request) -> Iterator[str]:
-        owner._acquire()
+    def _iterate(self, owner: Dovetail, request: Request, slot: int) -> Iterator[str]:
+        engine = owner._acquire(slot)
         try:
-            gen: Generation = owner.engine.start(request)
+            gen: Generation = engine.start(request)
             try:
                 yield from gen
             finally:
                 gen.close()
                 self.result = gen.result
         finally:
-            owner._release()
+            owner._release(slot)
 
     def __iter__(self) -> Iterator[str]:
         return self._it

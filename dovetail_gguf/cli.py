@@ -633,18 +633,20 @@ def bench(prompts_file, n_prompts, max_tokens, chat, repeats, systems, json_out,
 @click.option("--cors", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a "
                    "browser (repeatable). Off by default.")
+@_limited("parallel", "--parallel", "-np")
 @_limited("cache_slots", "--cache-slots")
 @_limited("cache_ram_mib", "--cache-ram", "cache_ram_mib")
 @click.option("--embedding-model", default=None, metavar="GGUF",
               help="A GGUF for /v1/embeddings and /api/embed (an embedding model), in a context of its own. "
                    "Default: the target's own weights, mean-pooled unless the GGUF declares a pooling.")
-def serve(host, port, api_key, default_max_tokens, max_queue, cors_origins, cache_slots, cache_ram_mib, embedding_model,
-          **kw) -> None:
+def serve(host, port, api_key, default_max_tokens, max_queue, cors_origins, parallel, cache_slots, cache_ram_mib,
+          embedding_model, **kw) -> None:
     """A local server with three surfaces on one port: OpenAI's (/v1/chat/completions, /v1/completions,
     /v1/embeddings, /v1/models), Ollama's (/api/chat, /api/generate, /api/embed, /api/tags, /api/show,
     /api/ps, /api/version) and llama.cpp's (/infill, /tokenize, /detokenize, /metrics), plus /health.
 
-    One worker runs the engine; requests wait in a FIFO queue of at most --max-queue. Besides the
+    Up to --parallel requests are generated side by side, a round of each in turn; the rest wait in a
+    FIFO queue of at most --max-queue. Besides the
     prompt in the KV cache, --cache-slots others (conversations, files) are kept warm in RAM.
     """
     import uvicorn
@@ -658,7 +660,8 @@ def serve(host, port, api_key, default_max_tokens, max_queue, cors_origins, cach
     default_max_tokens, max_queue = check("served_max_tokens", default_max_tokens), check("max_queue", max_queue)
     target = TargetChoice.take(kw)
     cache_slots, cache_ram_mib = check("cache_slots", cache_slots), check("cache_ram_mib", cache_ram_mib)
-    dt = load_dovetail(target, DraftChoice.take(kw), cache_slots=cache_slots, cache_ram_mib=cache_ram_mib)
+    dt = load_dovetail(target, DraftChoice.take(kw), cache_slots=cache_slots, cache_ram_mib=cache_ram_mib,
+                       parallel=check("parallel", parallel))
     embedder = None
     if embedding_model is not None:
         from .embed import Embedder

@@ -274,7 +274,8 @@ class Engine:
         prefix now shares with ``prompt``."""
         t = self.target
         entry, shared = self.prefixes.best(prompt)
-        switch = entry is not None and shared >= common + SWAP_MIN_TOKENS
+        # a prefix saved without the draft's features would make the draft read the whole prompt again
+        switch = entry is not None and shared >= common + SWAP_MIN_TOKENS and (self._hidden is None or entry.hidden is not None)
         if (switch or t.n_past - common >= SAVE_MIN_TOKENS) and t.n_past >= SAVE_MIN_TOKENS:
             hidden = self._hidden[self._hidden_lo : t.n_past].copy() if self._hidden is not None else None
             self.prefixes.put(CachedPrefix(t.save_prefix(), hidden, self._hidden_lo))

@@ -93,6 +93,8 @@ LIMITS: dict[str, Limit] = {
     # the server's settings (dovetail serve)
     "served_max_tokens": Limit(int, 512, 1, help="max_tokens of a request that gives none (capped at the context)."),
     "max_queue": Limit(int, 64, 1, help="Requests that may wait for the engine; past it a request gets 429 with Retry-After."),
+    "parallel": Limit(int, 2, 1, 16, help="Requests generated side by side, each in an engine of its own over the "
+                                         "same weights, a round of each in turn (the first engine has the draft)."),
     # prompt prefixes kept warm besides the live one (dovetail_gguf.prefixes)
     "cache_slots": Limit(int, 4, 0, 64, help="Prompt prefixes (other conversations, other files) kept warm in RAM "
                                               "besides the one in the KV cache; 0 keeps only that one."),

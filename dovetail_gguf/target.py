@@ -177,7 +177,9 @@ class Target:
     4. A failed ``llama_decode`` leaves no cell past ``n_past`` (removed here).
     """
 
-    def __init__(self, path: str | Path, config: TargetConfig | None = None):
+    def __init__(self, path: str | Path, config: TargetConfig | None = None, share: "Target | None" = None):
+        """``share``: another Target of the same file whose loaded weights this one uses (a context of
+        its own, no second copy of the model); it must outlive this one."""
         self.config = config = config or TargetConfig()
         config.validate()
         self.facts: ModelFacts = read_facts(path)  # validates the file before llama.cpp sees it
@@ -189,7 +191,8 @@ class Target:
         use_extra = config.use_extra_buffers
         if use_extra is None:
             use_extra = default_extra_buffers(self.facts, mode)
-        self._model = LlamaModel(self.facts, config.n_gpu_layers, use_extra)
+        self._owns_model = share is None
+        self._model = LlamaModel(self.facts, config.n_gpu_layers, use_extra) if share is None else share._model
         self.extra_buffers = self._model.extra_buffers
         self.vocab: Vocab = self._model.vocab
 
@@ -248,7 +251,8 @@ class Target:
             self._ctx.close()
             self._ctx = None
         if getattr(self, "_model", None):
-            self._model.close()
+            if getattr(self, "_owns_model", True):
+                self._model.close()
             self._model = None
 
     def __del__(self):

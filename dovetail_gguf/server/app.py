@@ -63,6 +63,7 @@ def create_app(dt: Dovetail, model_name: str, api_key: str | None = None, defaul
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "draft": dt.drafter is not None,
                 "queue_depth": worker.queue_depth, "busy": worker.busy, "max_queue": worker.max_queue,
+                "in_flight": worker.in_flight, "parallel": worker.parallel,
                 "live_prefix_tokens": dt.target.n_past,
                 "prefix_cache": dt.prefixes.state() if dt.prefixes is not None else None}
 

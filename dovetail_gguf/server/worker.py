@@ -13,6 +13,7 @@ from ..api import Dovetail
 from ..engine import Request
 from ..errors import DovetailError
 from ..options import LIMITS
+from ..prefixes import common_prefix
 
 log = logging.getLogger(__package__)
 
@@ -62,6 +63,7 @@ class Metrics:
                 ("queue_depth", "gauge", "Requests waiting for the engine.", [("", worker.queue_depth)]),
                 ("max_queue", "gauge", "The queue's bound; past it a request gets 429.", [("", worker.max_queue)]),
                 ("busy", "gauge", "1 while the engine runs a generation.", [("", int(worker.busy))]),
+                ("in_flight", "gauge", "Generations running side by side (at most --parallel).", [("", worker.in_flight)]),
             ]
         prefixes = worker.dt.prefixes.state() if worker.dt.prefixes is not None else None
         if prefixes is not None:
@@ -138,7 +140,9 @@ async def final_event(worker: "EngineWorker", job: Job, request=None) -> tuple[s
 
 
 class EngineWorker:
-    """The one thread that runs generations, in FIFO order, with at most ``max_queue`` waiting."""
+    """The one thread that runs generations: up to one per engine slot (``Dovetail(parallel=N)``) side
+    by side, a round of each in turn, so a short request is not stuck behind a long one; the rest wait
+    in FIFO order, at most ``max_queue`` of them."""
 
     def __init__(self, dt: Dovetail, max_queue: int = LIMITS["max_queue"].default, metrics: Metrics | None = None):
         self.dt = dt
@@ -146,7 +150,7 @@ class EngineWorker:
         self.metrics = metrics if metrics is not None else Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._busy = False
+        self._active: list[_Active] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="dovetail-engine", daemon=True)
         self._thread.start()
@@ -157,7 +161,15 @@ class EngineWorker:
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        return bool(self._active)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    @property
+    def parallel(self) -> int:
+        return len(self.dt.slots)
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -169,7 +181,7 @@ class EngineWorker:
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
-        """Drop ``job`` from the queue, or stop its generation at the next round."""
+        """Drop ``job`` from the queue, or stop its generation at its next round."""
         job.cancelled.set()
         with self._cond:
             try:
@@ -183,48 +195,88 @@ class EngineWorker:
             self._stopping = True
             for job in self._waiting:
                 job.cancelled.set()
+            for a in self._active:
+                a.job.cancelled.set()
             self._waiting.clear()
             self._cond.notify()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stopping:
+                while not self._waiting and not self._active and not self._stopping:
                     self._cond.wait()
-                if self._stopping and not self._waiting:
+                if self._stopping and not self._waiting and not self._active:
                     return
-                job = self._waiting.popleft()
-                self._busy = True
-            try:
-                self._serve(job)
-            finally:
-                self._busy = False
+                admitted = []
+                free = [i for i in range(self.parallel) if i not in {a.slot for a in self._active}]
+                while self._waiting and free:
+                    job = self._waiting.popleft()
+                    slot = self._pick_slot(job, free)
+                    free.remove(slot)
+                    admitted.append((job, slot))
+            for job, slot in admitted:
+                self._start(job, slot)
+            for a in list(self._active):  # a round of each generation in flight, in turn
+                if not self._step(a):
+                    with self._cond:
+                        self._active.remove(a)
 
-    def _serve(self, job: Job) -> None:
-        try:
-            self._generate(job)
-        finally:
-            job.finished.set()
+    def _pick_slot(self, job: Job, free: list[int]) -> int:
+        """The free slot whose live prefix shares most of the job's prompt (the first on a tie: it has the draft)."""
+        prompt = job.request.prompt
+        return max(free, key=lambda i: (common_prefix(self.dt.slots[i].engine.target.history(0), prompt), -i))
 
-    def _generate(self, job: Job) -> None:
+    def _start(self, job: Job, slot: int) -> None:
         if job.cancelled.is_set():
+            job.finished.set()
             return
         try:
             if job.warm_only:
-                job.send("done", self.dt.warm(job.request))
+                job.send("done", self.dt.warm(job.request, slot))
+                job.finished.set()
                 return
-            stream = self.dt.stream_request(job.request)
-            for piece in stream:
-                if job.cancelled.is_set():
-                    break
-                job.send("piece", piece)
-            stream.close()  # also frees the engine after a cancel
-            job.result = stream.result
-            self.metrics.generation(stream.result)
-            if not job.cancelled.is_set():
-                job.send("done", stream.result)
-        except DovetailError as e:
-            job.send("error", e)
-        except Exception as e:  # noqa: BLE001 - a bug must not kill the worker; the client gets a 500 event
-            log.exception("generation failed")
-            job.send("error", e)
+            stream = self.dt.stream_request(job.request, slot)
+        except Exception as e:  # noqa: BLE001 - the client gets the error, the worker goes on
+            self._fail(job, e)
+            return
+        with self._cond:
+            self._active.append(_Active(job, stream, slot))
+
+    def _step(self, a: "_Active") -> bool:
+        """One piece of ``a`` (at most one round of its engine); False once it ended."""
+        job = a.job
+        try:
+            if job.cancelled.is_set():
+                raise StopIteration
+            job.send("piece", next(a.stream))
+            return True
+        except StopIteration:
+            pass
+        except Exception as e:  # noqa: BLE001
+            a.stream.close()
+            self._fail(job, e)
+            return False
+        a.stream.close()  # also frees the engine after a cancel
+        job.result = a.stream.result
+        if job.result is not None:
+            self.metrics.generation(job.result)
+        if not job.cancelled.is_set():
+            job.send("done", job.result)
+        job.finished.set()
+        return False
+
+    @staticmethod
+    def _fail(job: Job, e: BaseException) -> None:
+        if not isinstance(e, DovetailError):  # a bug must not kill the worker; the client gets a 500 event
+            log.error("generation failed", exc_info=e)
+        job.send("error", e)
+        job.finished.set()
+
+
+@dataclass(eq=False)
+class _Active:
+    """A generation in flight: its job, its stream, the engine slot it holds."""
+
+    job: Job
+    stream: object
+    slot: int
