@@ -58,8 +58,8 @@ class Dovetail:
         ``cache_slots``, ``cache_ram_mib``: prompt prefixes kept warm in RAM besides the live one
         (another conversation returning is not evaluated again), and the RAM they may take.
         ``parallel``: engines that generate side by side (a server's requests in flight): the first
-        with the draft, the others over the same weights in contexts of their own, with the suffix
-        index; the same request gets the same answer in any of them.
+        with the draft, the others over the same weights in contexts of their own, without it (the
+        suffix index as ``ngram`` says); the same request gets the same answer in any of them.
         """
         cache_slots, cache_ram_mib = check("cache_slots", cache_slots), check("cache_ram_mib", cache_ram_mib)
         parallel = check("parallel", parallel)
@@ -82,7 +82,10 @@ class Dovetail:
         try:
             for _ in range(parallel - 1):
                 extra = Target(self.target.path, self.target.config, share=self.target)
-                self.slots.append(_Slot(Engine(extra, None, tree, adaptive=adaptive, ngram=True, prefixes=self.prefixes)))
+                engine = Engine(extra, None, tree, adaptive=adaptive, ngram=use_ngram, prefixes=self.prefixes)
+                # what the first engine learns of the suffix index's matches holds for every slot
+                engine.share_learning(self.engine)
+                self.slots.append(_Slot(engine))
         except BaseException:
             for slot in self.slots[1:]:
                 slot.engine.target.close()

@@ -162,6 +162,11 @@ class Engine:
         if self.prefixes is not None:
             self.prefixes.clear()  # their features were the old drafter's business
 
+    def share_learning(self, other: "Engine") -> None:
+        """Learn the suffix index's acceptance together with ``other`` (an engine over the same weights):
+        requests served side by side each add to what all of them plan with."""
+        self._context_acceptance = other._context_acceptance
+
     @property
     def cost_table(self) -> dict[int, float] | None:
         """t(k) in ms by rows, as measured so far (None before any measurement)."""
