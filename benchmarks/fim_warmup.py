@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import socket
+import contextlib
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from served import served  # noqa: E402
 
 
 def chunks_of(module, lines: int = 64) -> list[dict]:
@@ -50,26 +52,6 @@ def warm_up(base: str, ring: list[dict]) -> tuple[float, dict]:
     seconds = time.perf_counter() - t0
     r.raise_for_status()
     return seconds, r.json()
-
-
-def serve(args: list[str]):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dovetail_gguf", "serve", "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(proc.stderr.read())
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 def main() -> None:
@@ -96,13 +78,20 @@ def main() -> None:
         from dovetail_gguf.models import resolve_target
         from dovetail_gguf.peer import LlamaServerSystem, build_llama_server
 
-        peer = LlamaServerSystem(build_llama_server(), resolve_target(a.target), "plain", 8192, a.threads)
-        proc, base = peer.proc, peer.base
+        @contextlib.contextmanager
+        def llama_server():
+            peer = LlamaServerSystem(build_llama_server(), resolve_target(a.target), "plain", 8192, a.threads)
+            try:
+                yield peer.base
+            finally:
+                peer.close()
+
+        server = llama_server()
     else:
         args = ["--target", a.target, "--threads", str(a.threads), "--ctx-size", "8192"] + (["--no-draft"] if a.no_draft else [])
-        proc, base = serve(args)
+        server = served(args)
     rows = []
-    try:
+    with server as base:
         for t in range(a.trials):
             ring, new = pool[t:t + a.ring], pool[t + a.ring]
             warm_up(base, ring)  # the ring as it stood
@@ -112,9 +101,6 @@ def main() -> None:
             rows.append({"warm_s": warm_s, "cold_s": cold_s, "warm_prompt_n": warm["timings"]["prompt_n"],
                          "cold_prompt_n": cold["timings"]["prompt_n"], "warm_context": warm["tokens_evaluated"]})
             print(json.dumps(rows[-1]), flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     warm_med = statistics.median(r["warm_s"] for r in rows)
     cold_med = statistics.median(r["cold_s"] for r in rows)
     summary = {"server": "llama-server" if a.peer else "dovetail", "target": a.target, "draft": not a.no_draft and not a.peer, "ring": a.ring, "trials": a.trials, "threads": a.threads,

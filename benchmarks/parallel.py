@@ -23,8 +23,6 @@ import argparse
 import concurrent.futures
 import json
 import shlex
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -33,28 +31,12 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from served import served  # noqa: E402
+
 LONG = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}], "max_tokens": 256}
 SHORT = {"prompt": "def fibonacci(n):", "max_tokens": 32}
-
-
-def serve(args: list[str]):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dovetail_gguf", "serve", "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(proc.stderr.read())
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 def chat(base: str, body: dict) -> str:
@@ -113,8 +95,7 @@ def main() -> None:
 
     def run(parallel: int, together: bool) -> tuple[float, list[str], dict]:
         """A fresh server (nothing cached): the requests at once or one after another."""
-        proc, base = serve(common + ["--parallel", str(parallel)])
-        try:
+        with served(common + ["--parallel", str(parallel)]) as base:
             chat(base, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})  # first-call costs
             t0 = time.perf_counter()
             if together:
@@ -124,9 +105,6 @@ def main() -> None:
                 answers = [chat(base, b) for b in bodies]
             seconds = time.perf_counter() - t0
             return seconds, answers, short_beside_long(base) if together else {}
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
 
     out["sequential_s"], one_by_one, _ = run(1, False)
     out["sequential_same_parallel_s"], same_server, _ = run(a.parallel, False)

@@ -16,22 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from served import served  # noqa: E402
+
 PROMPTS = Path(__file__).parent / "prompts" / "edit.jsonl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -48,20 +43,8 @@ def main() -> None:
     a = ap.parse_args()
 
     prompts = [json.loads(line)["prompt"] for line in open(a.prompts) if line.strip()][: a.n]
-    port = free_port()
-    cmd = [sys.executable, "-m", "dovetail_gguf", "serve", "--target", a.target, "--port", str(port),
-           "--threads", str(a.threads), "--ctx-size", "4096", *a.server_args.split()]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-            if server.poll() is not None:
-                raise SystemExit(server.stderr.read())
+    args = ["--target", a.target, "--threads", str(a.threads), "--ctx-size", "4096", *a.server_args.split()]
+    with served(args) as base:
         client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
         rows = []
         for i, prompt in enumerate(prompts):
@@ -84,16 +67,13 @@ def main() -> None:
                          "accepted_prediction_tokens": d.accepted_prediction_tokens,
                          "rejected_prediction_tokens": d.rejected_prediction_tokens})
             print(json.dumps(rows[-1]), flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     wall = [r["seconds_without"] / r["seconds_with"] for r in rows]
     decode = [r["decode_tps_with"] / r["decode_tps_without"] for r in rows]
     summary = {"n": len(rows), "wall_speedup_median": float(np.median(wall)),
                "decode_speedup_median": float(np.median(decode)),
                "prediction_accepted_share": sum(r["accepted_prediction_tokens"] for r in rows) / max(1, sum(r["tokens"] for r in rows)),
                "identical": sum(r["identical"] for r in rows),
-               "repeat_identical": sum(r["repeat_identical"] for r in rows), "server": " ".join(cmd[2:])}
+               "repeat_identical": sum(r["repeat_identical"] for r in rows), "server": " ".join(["serve", *args])}
     print(json.dumps(summary))
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
