@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -117,8 +118,6 @@ class Embedder:
     def embed(self, texts: Sequence[str], truncate: bool = False) -> Embeddings:
         """One unit vector per text. Raises InvalidArgumentError for an empty list or text, or a text
         longer than the context (unless ``truncate``)."""
-        import time
-
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
@@ -130,12 +129,13 @@ class Embedder:
             if self._ctx is None:
                 raise InvalidArgumentError("the embedder was closed")
             group: list[int] = []
+            packed = 0  # tokens of the texts in ``group``
             for i, tokens in enumerate(encoded):
-                if group and (sum(encoded[j].size for j in group) + tokens.size > PACK_TOKENS
-                              or len(group) == MAX_TEXTS_PER_DECODE):
+                if group and (packed + tokens.size > PACK_TOKENS or len(group) == MAX_TEXTS_PER_DECODE):
                     self._decode(encoded, group, out)
-                    group = []
+                    group, packed = [], 0
                 group.append(i)
+                packed += tokens.size
             self._decode(encoded, group, out)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         out /= np.where(norms > 0, norms, 1.0)

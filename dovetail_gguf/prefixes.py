@@ -59,12 +59,12 @@ class PrefixStore:
 
     def best(self, prompt: np.ndarray) -> tuple[CachedPrefix | None, int]:
         """The stored prefix sharing the most leading tokens with ``prompt``, and how many."""
-        with self._lock:
-            scored = [(common_prefix(e.saved.tokens, prompt), i) for i, e in enumerate(self._entries)]
+        with self._lock:  # engines of other slots may change the list meanwhile
+            scored = [(common_prefix(e.saved.tokens, prompt), -i, e) for i, e in enumerate(self._entries)]
         if not scored:
             return None, 0
-        shared, i = max(scored)
-        return self._entries[i], shared
+        shared, _, entry = max(scored, key=lambda x: x[:2])
+        return entry, shared
 
     def take(self, entry: CachedPrefix) -> None:
         """Remove ``entry``: it becomes the live prefix."""

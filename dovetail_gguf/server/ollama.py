@@ -258,7 +258,7 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
                     "done": True, "done_reason": "load"}
         tools = body.tools or None
         tokens = await run_in_threadpool(dt.chat_prompt_tokens, messages, tools)
-        prepared = await prepare(dt, tokens, _with_length(body.options_fields(n_ctx), default_max_tokens), default_max_tokens)
+        prepared = await prepare(dt, tokens, body.options_fields(n_ctx), default_max_tokens)
         names = [t.get("function", {}).get("name") for t in tools or ()]
         return await _respond(worker, request, body.stream, prepared, model_name, chat=True, tools=names if tools else None)
 
@@ -268,7 +268,7 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
         _no_logprobs(body)
         if not body.prompt and body.suffix is None:  # loads the model: answers at once
             return {"model": model_name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
-        fields = _with_length(body.options_fields(n_ctx), default_max_tokens)
+        fields = body.options_fields(n_ctx)
         if body.suffix is not None:  # fill in the middle, as OpenAI's completions with suffix
             tokens = lambda n: dt.infill_tokens(body.prompt or "", body.suffix, max_tokens=n)  # noqa: E731
         elif body.raw:
@@ -300,10 +300,6 @@ def router(dt: Dovetail, worker: EngineWorker, model_name: str, default_max_toke
     return api
 
 
-def _with_length(fields: dict, default_max_tokens: int) -> dict:
-    return fields if "max_tokens" in fields else {**fields, "max_tokens": default_max_tokens}
-
-
 async def _respond(worker: EngineWorker, request: Request, stream: bool, prepared, model_name: str, chat: bool,
                    tools: list[str] | None = None) -> Any:
     job = Job(prepared, asyncio.get_running_loop())
@@ -313,7 +309,7 @@ async def _respond(worker: EngineWorker, request: Request, stream: bool, prepare
         return StreamingResponse(_lines(worker, job, shape), media_type="application/x-ndjson")
     kind, value = await final_event(worker, job, request)
     if kind == "done":
-        return shape.final(value, value.text)
+        return shape.final(value)
     return ollama_error(499, "client closed the request") if kind == "gone" else _failed(value)
 
 
@@ -343,8 +339,10 @@ class _Shape:
         out["done"] = False
         return out
 
-    def final(self, result, text: str) -> dict:
-        calls = None
+    def final(self, result) -> dict:
+        """The whole answer (its text, or its tool calls where the request gave tools) with the counts:
+        a whole response, or a stream's last chunk when all of it was held back."""
+        text, calls = result.text, None
         if self.tools:
             text, parsed = parse_tool_calls(text, self.tool_names)
             calls = [{"function": {"name": c.name, "arguments": _arguments(c.arguments)}} for c in parsed] or None
@@ -374,7 +372,7 @@ async def _lines(worker: EngineWorker, job: Job, shape: _Shape) -> AsyncIterator
                     shape.tools = False  # plain text: streamed from here on
                 yield json.dumps(shape.chunk(value)) + "\n"
             elif kind == "done":
-                yield json.dumps(shape.final(value, hold.held) if shape.tools else
+                yield json.dumps(shape.final(value) if shape.tools else
                                  {**shape.chunk(""), **_stats(value, shape.started)}) + "\n"
                 return
             else:
